@@ -1,0 +1,1 @@
+"""Everything of streetbrain that does I/O: ingest, pipeline, publishing, CLI."""

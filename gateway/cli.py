@@ -1,0 +1,235 @@
+"""``streetbrain``: one entry point, a verb per job (../shared/DESIGN.md, "CLI")."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway import logs
+from gateway.config import Config, ConfigError, load_config, parse_broker_url
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
+
+
+def _broker_url(value: str) -> str:
+    try:
+        parse_broker_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _positive(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
+    return number
+
+
+def _common(parser: argparse.ArgumentParser, *, mqtt: bool) -> None:
+    parser.add_argument("--config", metavar="FILE", default="config.yaml",
+                        help="configuration file (default: ./config.yaml)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)")
+    if mqtt:
+        parser.add_argument("--broker", metavar="mqtt://HOST:PORT", type=_broker_url,
+                            help="broker to use; overrides broker.url of the config")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streetbrain", description=(
+        "The street brain: an MQTT gateway that turns smoke detectors, e-bike charging monitors and "
+        "noise monitoring points into alerts for a street's command centre."))
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    run = verbs.add_parser("run", help="run the gateway (starts Mosquitto on loopback when none is configured)",
+                           description="Run the gateway until SIGINT or SIGTERM. Without broker.url (or --broker) "
+                                       "an embedded Mosquitto is started on a free loopback port.")
+    _common(run, mqtt=True)
+
+    demo = verbs.add_parser("demo", help="the gateway plus a simulated street, alerts shown as they happen",
+                            description="Start the gateway (and an embedded broker), simulate every device of the "
+                                        "registry, inject an event now and then, and print the alerts.")
+    _common(demo, mqtt=True)
+    demo.add_argument("--interval", type=_positive, default=5.0, metavar="S",
+                      help="seconds between two readings of a device (default 5)")
+    demo.add_argument("--event-every", type=_positive, default=20.0, metavar="S",
+                      help="mean seconds between injected events (default 20)")
+    demo.add_argument("--duration", type=_positive, metavar="S", help="stop after this many seconds")
+    demo.add_argument("--seed", type=int, default=1, help="random seed of the simulated street")
+
+    simulate = verbs.add_parser("simulate", help="publish a simulated street to a broker",
+                                description="Publish readings for every device of the registry to the broker.")
+    _common(simulate, mqtt=True)
+    simulate.add_argument("--interval", type=_positive, default=5.0, metavar="S")
+    simulate.add_argument("--event-every", type=_positive, default=20.0, metavar="S")
+    simulate.add_argument("--duration", type=_positive, metavar="S")
+    simulate.add_argument("--seed", type=int, default=1)
+
+    devices = verbs.add_parser("devices", help="list the device registry",
+                               description="List the registry: id, kind, site and attributes.")
+    _common(devices, mqtt=False)
+    devices.add_argument("--kind", choices=["smoke", "ev_charger", "noise", "meter"])
+    devices.add_argument("--site", help="only devices of this site")
+    devices.add_argument("--json", action="store_true", help="print one JSON document")
+
+    check = verbs.add_parser("check-config", help="validate a configuration file",
+                             description="Validate FILE (default: --config) and the registry it names; print "
+                                         "every problem with its file:line and key path; exit 3 if any.")
+    _common(check, mqtt=False)
+    check.add_argument("file", nargs="?", metavar="FILE", help="file to check (default: --config)")
+    return parser
+
+
+def _load(args: argparse.Namespace, quiet: bool = False) -> Config:
+    """Load the config and set up logging; ``quiet`` verbs show their own output and log errors only."""
+    config = load_config(Path(args.config))
+    default = "error" if quiet else config.logging.level
+    level = "debug" if args.verbose >= 2 else ("info" if args.verbose == 1 else default)
+    logs.setup(level, config.logging.format)
+    return config
+
+
+def _run_until_signal(main: Any) -> int:
+    async def runner() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        return await main(stop)
+
+    return asyncio.run(runner())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.service import Gateway
+
+    config = _load(args)
+    gateway = Gateway(config, broker_url=args.broker)
+
+    async def main(stop: asyncio.Event) -> int:
+        await gateway.run(stop)
+        return EXIT_OK
+
+    return _run_until_signal(main)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import demo
+
+    config = _load(args, quiet=True)
+    return _run_until_signal(lambda stop: demo(config, args, stop))
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from gateway.service import resolve_broker
+    from simulators.street import Street, run_street
+
+    config = _load(args, quiet=True)
+    address, embedded = resolve_broker(config, args.broker)
+    if embedded is not None:
+        print(f"no broker at {args.broker or config.broker.url or '(none configured)'}: pass --broker "
+              "mqtt://HOST:PORT of a running broker (streetbrain run starts one)", file=sys.stderr)
+        return EXIT_FAILURE
+    console = Console(stderr=True)
+    street = Street(config.devices, seed=args.seed, event_every_s=args.event_every)
+
+    async def main(stop: asyncio.Event) -> int:
+        sent = await run_street(street, address.host, address.port, interval_s=args.interval, stop=stop,
+                                duration_s=args.duration,
+                                on_event=lambda e: console.print(f"[yellow]inject[/] {e.describe()}"),
+                                on_round=lambda n: console.print(f"published {n} messages", highlight=False))
+        console.print(f"done: {sent} messages")
+        return EXIT_OK
+
+    return _run_until_signal(main)
+
+
+def _device_row(device: Any) -> dict[str, Any]:
+    return device.model_dump(exclude_none=True, exclude_defaults=False)
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    config = _load(args, quiet=True)
+    devices = [d for d in config.devices if (args.kind is None or d.kind == args.kind)
+               and (args.site is None or d.site == args.site)]
+    if args.json:
+        json.dump([_device_row(d) for d in devices], sys.stdout, ensure_ascii=False, indent=1)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(devices)} devices", show_lines=False)
+    for column in ("id", "kind", "site", "name", "attributes"):
+        table.add_column(column)
+    for d in devices:
+        attributes = []
+        if d.zone_class is not None:
+            attributes.append(f"zone {d.zone_class}")
+        if d.ports is not None:
+            attributes.append(f"{d.ports} ports × {d.rated_power_w:g} W")
+        attributes += d.tags
+        attributes.append(f"{d.lat:.5f},{d.lon:.5f}")
+        table.add_row(d.id, d.kind, d.site, d.name, " ".join(attributes))
+    Console().print(table)
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = args.file or args.config
+    try:
+        config = load_config(Path(path))
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(f"error: {issue}", file=sys.stderr)
+        print(f"{path}: {len(exc.issues)} problem{'s' if len(exc.issues) != 1 else ''}", file=sys.stderr)
+        return EXIT_CONFIG
+    kinds: dict[str, int] = {}
+    for device in config.devices:
+        kinds[device.kind] = kinds.get(device.kind, 0) + 1
+    rules = sum(len(p.rules) for p in config.kinds.values())
+    print(f"{path}: ok — {len(config.sites)} sites, {len(config.teams)} teams, {rules} rules, "
+          f"{len(config.devices)} devices ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "simulate": cmd_simulate, "devices": cmd_devices,
+            "check-config": cmd_check_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.verb](args)
+    except ConfigError as exc:
+        print(f"streetbrain {args.verb}: the configuration has problems (run streetbrain check-config):",
+              file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        with contextlib.suppress(Exception):
+            sys.stdout.close()
+        return EXIT_OK
+    except Exception as exc:  # the last line of defence: a message a person can act on, not a trace
+        logging.getLogger("streetbrain").debug("failed", exc_info=True)
+        print(f"streetbrain {args.verb}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

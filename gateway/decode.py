@@ -1,0 +1,315 @@
+"""Decode and validate raw MQTT messages into readings, or dead letters that say why.
+
+Nothing a device sends can raise out of here: every message ends either as accepted readings or as
+a dead letter with a reason code (counted per kind and reason) and a detail a person can act on. A
+batch with some bad readings keeps its good ones.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from gateway import topics
+from gateway.config import Config, Device
+from gateway.registry import Registry
+from gateway.schemas import READING_MODELS, Reading
+
+MAX_PROBLEMS_LISTED = 20
+DEADLETTER_PAYLOAD_BYTES = 4096
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """One rejected message, or the rejected readings of one batch message."""
+
+    topic: str
+    site: str
+    kind: str
+    device_id: str
+    payload: bytes
+    problems: list[tuple[int | None, str, str]] = field(default_factory=list)  # (index, reason, detail)
+    rejected: int = 0
+    accepted: int = 0
+
+    @property
+    def reason(self) -> str:
+        return self.problems[0][1]
+
+    @property
+    def detail(self) -> str:
+        return self.problems[0][2]
+
+    def add(self, index: int | None, reason: str, detail: str) -> None:
+        self.rejected += 1
+        if len(self.problems) < MAX_PROBLEMS_LISTED:
+            self.problems.append((index, reason, detail))
+
+    def to_json(self, gateway_time: float) -> bytes:
+        body: dict[str, Any] = {
+            "reason": self.reason,
+            "detail": self.detail,
+            "problems": [{"index": i, "reason": r, "detail": d} for i, r, d in self.problems],
+            "rejected": self.rejected,
+            "accepted": self.accepted,
+            "topic": self.topic,
+            "site": self.site,
+            "kind": self.kind,
+            "device_id": self.device_id,
+            "gateway_time": gateway_time,
+            "payload_bytes": len(self.payload),
+        }
+        shown = self.payload[:DEADLETTER_PAYLOAD_BYTES]
+        try:
+            body["payload"] = shown.decode("utf-8")
+        except UnicodeDecodeError:
+            body["payload_b64"] = base64.b64encode(shown).decode("ascii")
+        body["payload_truncated"] = len(self.payload) > DEADLETTER_PAYLOAD_BYTES
+        return orjson.dumps(body)
+
+    @property
+    def deadletter_topic(self) -> str:
+        return topics.deadletter(self.site, self.kind, self.device_id)
+
+
+@dataclass(slots=True)
+class StatusUpdate:
+    kind: str
+    device_id: str
+    online: bool
+
+
+@dataclass
+class Decoded:
+    """What one batch of raw messages turned into."""
+
+    readings: dict[str, list[tuple[int, Reading]]] = field(default_factory=dict)  # kind → (row, reading)
+    statuses: list[StatusUpdate] = field(default_factory=list)
+    deadletters: list[DeadLetter] = field(default_factory=list)
+    registered: list[Device] = field(default_factory=list)
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> float:
+    raise _NonFinite(name)
+
+
+def _pydantic_reason(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    if kind == "missing":
+        return "missing_field"
+    if kind == "finite_number":
+        return "non_finite"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return "wrong_type"
+    if kind.startswith(("greater_than", "less_than")):
+        return "out_of_range"
+    if error["loc"][:1] == ("ts",):
+        return "bad_timestamp"
+    return "invalid"
+
+
+def _pydantic_detail(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors()[:5]:
+        where = ".".join(str(p) for p in e["loc"]) or "reading"
+        shown = ""
+        if "input" in e and not isinstance(e["input"], dict):
+            shown = f" (got {e['input']!r:.40})"
+        parts.append(f"{where}: {e['msg']}{shown}")
+    return "; ".join(parts)
+
+
+class Decoder:
+    """Turns raw (topic, payload) pairs into validated readings routed to their series rows."""
+
+    def __init__(self, config: Config, registry: Registry):
+        self.config = config
+        self.registry = registry
+        self.limits = config.ingest
+        self.site_ids = {s.id for s in config.sites}
+
+    def decode(self, messages: list[tuple[str, bytes]], now: float) -> Decoded:
+        out = Decoded()
+        for topic, payload in messages:
+            try:
+                self._decode_one(topic, payload, now, out)
+            except Exception as exc:  # a decoder bug must cost one message, never the gateway
+                letter = DeadLetter(topic, topics.UNKNOWN, topics.UNKNOWN, topics.UNKNOWN, payload)
+                letter.add(None, "internal_error", f"{type(exc).__name__}: {exc}")
+                out.deadletters.append(letter)
+        return out
+
+    def _decode_one(self, topic: str, payload: bytes, now: float, out: Decoded) -> None:
+        parsed = topics.parse_device_topic(topic)
+        if parsed is None:
+            letter = DeadLetter(topic, topics.UNKNOWN, topics.UNKNOWN, topics.UNKNOWN, payload)
+            letter.add(None, "bad_topic", "expected streetbrain/{site}/{kind}/{device_id}/telemetry or …/status")
+            out.deadletters.append(letter)
+            return
+        site, kind, device_id, channel = parsed
+        letter = DeadLetter(topic, site, kind, device_id, payload)
+
+        model = READING_MODELS.get(kind)
+        if model is None:
+            letter.add(None, "unknown_kind", f"kind {kind!r} is not one of {', '.join(READING_MODELS)}")
+            out.deadletters.append(letter)
+            return
+        device = self._device(site, kind, device_id, letter, out)
+        if device is None:
+            out.deadletters.append(letter)
+            return
+
+        if channel == "status":
+            self._status(kind, device_id, payload, letter, out)
+            return
+
+        if len(payload) > self.limits.max_payload_bytes:
+            letter.add(None, "oversized", f"{len(payload)} bytes is over the {self.limits.max_payload_bytes}-byte limit")
+            out.deadletters.append(letter)
+            return
+        document = self._parse_json(payload, letter)
+        if document is None:
+            out.deadletters.append(letter)
+            return
+
+        if not isinstance(document, dict):
+            letter.add(None, "not_object", f"payload is a JSON {type(document).__name__}, expected an object")
+            out.deadletters.append(letter)
+            return
+        if "readings" in document:
+            items = document["readings"]
+            if not isinstance(items, list) or not items:
+                letter.add(None, "bad_batch", '"readings" must be a non-empty list of reading objects')
+                out.deadletters.append(letter)
+                return
+            if len(items) > self.limits.max_readings_per_message:
+                letter.add(None, "too_many_readings",
+                           f"{len(items)} readings is over the limit of {self.limits.max_readings_per_message}")
+                out.deadletters.append(letter)
+                return
+            batch_device = document.get("device_id")
+            if batch_device is not None and batch_device != device_id:
+                letter.add(None, "device_mismatch", f"batch device_id {batch_device!r:.40} ≠ topic device {device_id!r}")
+                out.deadletters.append(letter)
+                return
+            indexed: list[tuple[int | None, Any]] = list(enumerate(items))
+        else:
+            indexed = [(None, document)]
+
+        accepted = out.readings.setdefault(kind, [])
+        max_ts = now + self.limits.max_future_s
+        for index, item in indexed:
+            if not isinstance(item, dict):
+                letter.add(index, "not_object", f"reading is a JSON {type(item).__name__}, expected an object")
+                continue
+            try:
+                reading = model.model_validate(item)
+            except ValidationError as exc:
+                letter.add(index, _pydantic_reason(exc.errors()[0]), _pydantic_detail(exc))
+                continue
+            if reading.device_id is not None and reading.device_id != device_id:
+                letter.add(index, "device_mismatch",
+                           f"payload device_id {reading.device_id!r:.40} ≠ topic device {device_id!r}")
+                continue
+            if reading.ts > max_ts:
+                letter.add(index, "future_ts",
+                           f"ts is {reading.ts - now:.0f} s ahead of the gateway clock "
+                           f"(allowed {self.limits.max_future_s:.0f} s): check the device clock")
+                continue
+            port = getattr(reading, "port", 0)
+            row = self.registry.row(kind, device_id, port)
+            if row is None:
+                letter.add(index, "bad_port", f"charging point {device_id} has no port {port} "
+                                              f"(it has {device.ports or 0})")
+                continue
+            accepted.append((row, reading))
+            letter.accepted += 1
+        if letter.rejected:
+            out.deadletters.append(letter)
+
+    def _device(self, site: str, kind: str, device_id: str, letter: DeadLetter, out: Decoded) -> Device | None:
+        device = self.registry.devices.get(device_id)
+        if device is None:
+            if not self.limits.auto_register:
+                letter.add(None, "unknown_device", f"device {device_id!r:.70} is not in the registry "
+                                                    "(register it, or set ingest.auto_register)")
+                return None
+            if site not in self.site_ids:
+                letter.add(None, "unknown_site", f"site {site!r:.40} is not configured; cannot auto-register")
+                return None
+            device = self._auto_register(site, kind, device_id, letter)
+            if device is None:
+                return None
+            out.registered.append(device)
+            return device
+        if device.kind != kind:
+            letter.add(None, "kind_mismatch", f"device {device_id} is registered as {device.kind}, not {kind}")
+            return None
+        if device.site != site:
+            letter.add(None, "site_mismatch", f"device {device_id} is registered at site {device.site}, not {site}")
+            return None
+        return device
+
+    def _auto_register(self, site: str, kind: str, device_id: str, letter: DeadLetter) -> Device | None:
+        home = self.config.site(site)
+        assert home is not None
+        extra: dict[str, Any] = {}
+        if kind == "ev_charger":
+            extra = {"ports": 16, "rated_power_w": 1000.0}
+        if kind == "noise":
+            extra = {"zone_class": "2"}  # mixed area: the middle of GB 3096's classes until surveyed
+        try:
+            device = Device(id=device_id, kind=kind, site=site, lat=home.lat, lon=home.lon,
+                            tags=["auto_registered"], **extra)
+        except ValidationError as exc:
+            letter.add(None, "bad_device_id", _pydantic_detail(exc))
+            return None
+        self.registry.register(device)
+        return device
+
+    def _parse_json(self, payload: bytes, letter: DeadLetter) -> Any:
+        try:
+            return orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            first_error = str(exc)
+        # Cold path: tell NaN/Infinity (valid to some device firmwares, not to JSON) from garbage.
+        try:
+            # stdlib reads what orjson refuses but is still well-formed JSON (integers beyond 64
+            # bits, numbers beyond float range); validation then says what is wrong with them.
+            return json.loads(payload, parse_constant=_reject_constant)
+        except _NonFinite as exc:
+            letter.add(None, "non_finite", f"payload holds {exc} (NaN and infinities are not numbers)")
+            return None
+        except (ValueError, RecursionError):
+            pass
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            letter.add(None, "bad_encoding", f"payload is not UTF-8 ({exc.reason} at byte {exc.start})")
+            return None
+        letter.add(None, "bad_json", f"payload is not JSON: {first_error}")
+        return None
+
+    def _status(self, kind: str, device_id: str, payload: bytes, letter: DeadLetter, out: Decoded) -> None:
+        text = payload[:64].strip().lower()
+        if text.startswith(b"{"):
+            try:
+                text = str(orjson.loads(payload).get("state", "")).encode().lower()
+            except (orjson.JSONDecodeError, AttributeError):
+                text = b""
+        if text in (b"online", b"offline"):
+            out.statuses.append(StatusUpdate(kind, device_id, text == b"online"))
+        elif text == b"":
+            pass  # an empty retained message clears the retained status; nothing to record
+        else:
+            letter.add(None, "bad_status", 'status payload must be "online" or "offline"')
+            out.deadletters.append(letter)

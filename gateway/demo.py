@@ -1,0 +1,83 @@
+"""``streetbrain demo``: the gateway, a simulated street and the alerts as an operator sees them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections import Counter
+
+import aiomqtt
+import orjson
+from rich.console import Console
+
+from gateway import topics
+from gateway.config import Config
+from gateway.service import Gateway
+from simulators.street import Event, Street, run_street
+
+STYLE = {"critical": "bold white on red", "major": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def format_alert(alert: dict) -> str:
+    clock = time.strftime("%H:%M:%S", time.localtime(alert["gateway_time"]))
+    style = "green" if alert["event"] == "cleared" else STYLE.get(alert["severity"], "")
+    label = f"[{style}]{alert['severity'].upper():<8}[/]"
+    return (f"{clock} {label} {alert['event']:<8} {alert['site']}/{alert['device_id']}  "
+            f"{alert['message']['zh']}  [dim]{alert['message']['en']}[/]")
+
+
+async def watch_alerts(host: str, port: int, console: Console, counts: Counter[str], stop: asyncio.Event) -> None:
+    """Follow the alerts topic like any operator console would, on a connection of its own."""
+    async with aiomqtt.Client(host, port, identifier=f"streetbrain-demo-watch-{time.time_ns() % 10**9}") as client:
+        await client.subscribe(topics.ALERTS_FILTER, qos=1)
+        async for message in client.messages:
+            try:
+                alert = orjson.loads(message.payload)  # type: ignore[arg-type]
+            except orjson.JSONDecodeError:
+                continue
+            counts[alert.get("event", "?")] += 1
+            console.print(format_alert(alert), highlight=False)
+            if stop.is_set():
+                return
+
+
+async def demo(config: Config, args: argparse.Namespace, stop: asyncio.Event) -> int:
+    console = Console()
+    gateway = Gateway(config, broker_url=args.broker)
+    gateway_task = asyncio.create_task(gateway.run(stop), name="gateway")
+    started = asyncio.create_task(gateway.started.wait())
+    await asyncio.wait({gateway_task, started}, return_when=asyncio.FIRST_COMPLETED)
+    if gateway_task.done():
+        started.cancel()
+        await gateway_task  # raises what went wrong
+        return 1
+    assert gateway.address is not None
+    host, port = gateway.address.host, gateway.address.port
+    counts: Counter[str] = Counter()
+    street = Street(config.devices, seed=args.seed, event_every_s=args.event_every)
+    console.rule("[bold]streetbrain demo street")
+    console.print(f"broker {gateway.address}  ·  {len(config.devices)} devices "
+                  f"({sum(len(s) for s in gateway.registry.series.values())} series)  ·  a reading per device every "
+                  f"{args.interval:g} s  ·  an injected event every ~{args.event_every:g} s  ·  Ctrl-C stops")
+    console.print(f"follow the alerts elsewhere: mosquitto_sub -p {port} -t '{topics.ALERTS_FILTER}' -v", highlight=False)
+
+    def on_event(event: Event) -> None:
+        console.print(f"[magenta]simulator[/] injects {event.describe()}", highlight=False)
+
+    watcher = asyncio.create_task(watch_alerts(host, port, console, counts, stop), name="watch")
+    simulator = asyncio.create_task(
+        run_street(street, host, port, interval_s=args.interval, stop=stop, on_event=on_event), name="simulator")
+    if args.duration:
+        try:
+            await asyncio.wait_for(stop.wait(), args.duration)
+        except TimeoutError:
+            stop.set()
+    published = await simulator
+    await asyncio.wait({watcher}, timeout=2)
+    watcher.cancel()
+    await gateway_task
+    console.rule()
+    console.print(f"published {published} readings; alerts raised {counts['raised']}, updated {counts['updated']}, "
+                  f"cleared {counts['cleared']}; rejected {sum(gateway.stats.rejected.values())}")
+    return 0

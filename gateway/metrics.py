@@ -1,0 +1,71 @@
+"""Counters of the gateway, kept as plain dicts on the hot path and exported in Prometheus form.
+
+Incrementing a labelled prometheus_client Counter per message costs more than decoding it, so the
+pipeline counts per batch into dicts and a custom collector turns them into metric families when
+scraped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+
+class Stats(Collector):
+    def __init__(self) -> None:
+        self.received: Counter[str] = Counter()  # kind → messages received
+        self.valid: Counter[str] = Counter()  # kind → readings accepted
+        self.rejected: Counter[tuple[str, str]] = Counter()  # (kind, reason) → readings or messages rejected
+        self.alerts: Counter[tuple[str, str, str, str]] = Counter()  # (kind, rule, severity, event)
+        self.statuses: Counter[tuple[str, str]] = Counter()  # (kind, online|offline)
+        self.pipeline_errors = 0
+        self.publish_failures = 0
+        self.batches = 0
+        self.ingest_queue_depth = 0
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """Per-kind totals for the periodic log line."""
+        out: dict[str, dict[str, int]] = {}
+        for kind, n in self.received.items():
+            out.setdefault(kind, {})["received"] = n
+        for kind, n in self.valid.items():
+            out.setdefault(kind, {})["valid"] = n
+        for (kind, _), n in self.rejected.items():
+            row = out.setdefault(kind, {})
+            row["rejected"] = row.get("rejected", 0) + n
+        for (kind, _, _, event), n in self.alerts.items():
+            if event == "raised":
+                row = out.setdefault(kind, {})
+                row["alerts"] = row.get("alerts", 0) + n
+        return out
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        received = CounterMetricFamily("streetbrain_messages_received", "MQTT messages received", labels=["kind"])
+        for kind, n in self.received.items():
+            received.add_metric([kind], n)
+        yield received
+        valid = CounterMetricFamily("streetbrain_readings_valid", "Readings accepted", labels=["kind"])
+        for kind, n in self.valid.items():
+            valid.add_metric([kind], n)
+        yield valid
+        rejected = CounterMetricFamily("streetbrain_rejects", "Readings or messages rejected", labels=["kind", "reason"])
+        for (kind, reason), n in self.rejected.items():
+            rejected.add_metric([kind, reason], n)
+        yield rejected
+        alerts = CounterMetricFamily("streetbrain_alert_events", "Alert events",
+                                     labels=["kind", "rule", "severity", "event"])
+        for key, n in self.alerts.items():
+            alerts.add_metric(list(key), n)
+        yield alerts
+        errors = CounterMetricFamily("streetbrain_pipeline_errors", "Batches that failed inside the pipeline")
+        errors.add_metric([], self.pipeline_errors)
+        yield errors
+        failures = CounterMetricFamily("streetbrain_publish_failures", "Alert or dead-letter publishes that failed")
+        failures.add_metric([], self.publish_failures)
+        yield failures
+        depth = GaugeMetricFamily("streetbrain_ingest_queue_depth", "Messages received and not yet processed")
+        depth.add_metric([], self.ingest_queue_depth)
+        yield depth

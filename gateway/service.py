@@ -1,0 +1,168 @@
+"""The gateway process: broker (embedded when needed), receive → pipeline → publish → acknowledge."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import orjson
+
+from gateway import topics
+from gateway.broker import EmbeddedBroker, reachable
+from gateway.config import BrokerAddress, Config, parse_broker_url
+from gateway.metrics import Stats
+from gateway.mqtt import Publisher, Receiver
+from gateway.pipeline import Outcome, Pipeline
+from gateway.registry import Registry
+
+log = logging.getLogger("streetbrain.gateway")
+
+SHUTDOWN_FLUSH_S = 10.0
+
+
+def resolve_broker(config: Config, override: str | None) -> tuple[BrokerAddress, EmbeddedBroker | None]:
+    """Where to connect, and the broker we must start ourselves if there is none.
+
+    No URL configured: an embedded Mosquitto on a free loopback port. A loopback URL that does not
+    answer: an embedded Mosquitto on that port. A remote URL: used as it is (paho retries).
+    """
+    url = override or config.broker.url
+    if url is None:
+        broker = EmbeddedBroker(config.state_dir / "mosquitto")
+        return parse_broker_url(broker.url), broker
+    address = parse_broker_url(url)
+    if address.is_loopback and not address.tls and not reachable(address.host, address.port):
+        log.info("no broker answers on %s; starting an embedded one there", address)
+        return address, EmbeddedBroker(config.state_dir / "mosquitto", port=address.port,
+                                       host="127.0.0.1" if address.host == "localhost" else address.host)
+    return address, None
+
+
+@dataclass
+class Gateway:
+    config: Config
+    broker_url: str | None = None
+    stats: Stats = field(default_factory=Stats)
+
+    def __post_init__(self) -> None:
+        self.registry = Registry.from_config(self.config)
+        self.pipeline = Pipeline(self.config, self.registry, self.stats)
+        self.address: BrokerAddress | None = None
+        self.embedded: EmbeddedBroker | None = None
+        self.started = asyncio.Event()
+        self.alert_listeners: list[asyncio.Queue[dict]] = []  # operator surfaces that follow alerts live
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.address, self.embedded = resolve_broker(self.config, self.broker_url)
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.start)
+        try:
+            await self._serve(stop)
+        finally:
+            if self.embedded is not None:
+                await asyncio.to_thread(self.embedded.stop)
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        assert self.address is not None
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        publisher = Publisher(self.config.broker, self.address)
+        receiver = Receiver(self.config.broker, self.address, [topics.TELEMETRY_FILTER, topics.STATUS_FILTER],
+                            loop, wake)
+        publisher.start()
+        receiver.start()
+        stats_task = asyncio.create_task(self._log_stats(stop), name="stats")
+        log.info("gateway starting broker=%s devices=%d series=%s", self.address, len(self.registry.devices),
+                 {k: len(s) for k, s in self.registry.series.items()})
+        stopping = asyncio.create_task(stop.wait())
+        ready = asyncio.gather(receiver.subscribed.wait(), publisher.ready.wait())
+        await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done():
+            self.started.set()
+            log.info("gateway ready: subscribed to %s and %s", topics.TELEMETRY_FILTER, topics.STATUS_FILTER)
+        else:
+            ready.cancel()
+        try:
+            while not stop.is_set():
+                woken = asyncio.create_task(wake.wait())
+                await asyncio.wait({woken, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                wake.clear()
+                work = asyncio.create_task(self._process(receiver, publisher))
+                await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not work.done():
+                    # Stopping while a batch is in flight (its alerts may wait on a broker that is
+                    # gone): give it a while, then leave it unacknowledged for redelivery.
+                    await asyncio.wait({work}, timeout=SHUTDOWN_FLUSH_S)
+                    work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+        finally:
+            # Take nothing new (the broker redelivers it to our session later), finish and
+            # acknowledge what is buffered, then leave.
+            receiver.pause()
+            try:
+                await asyncio.wait_for(self._process(receiver, publisher, everything=True), SHUTDOWN_FLUSH_S)
+            except TimeoutError:
+                log.error("shutdown: could not publish the last alerts within %.0f s; "
+                          "the broker redelivers their readings on restart", SHUTDOWN_FLUSH_S)
+            await asyncio.to_thread(receiver.stop)
+            stats_task.cancel()
+            stopping.cancel()
+            await publisher.stop()
+            self._log_counters("gateway stopped")
+
+    async def _process(self, receiver: Receiver, publisher: Publisher, everything: bool = False) -> None:
+        while True:
+            batch = receiver.drain(self.config.ingest.batch_max)
+            self.stats.ingest_queue_depth = len(receiver.buffer)
+            if not batch:
+                return
+            now = time.time()
+            try:
+                outcome = self.pipeline.process([(m.topic, m.payload) for m in batch], now)
+            except Exception:
+                # A bug in detection must not stop every other device: count it, log it, move on.
+                self.stats.pipeline_errors += 1
+                log.exception("pipeline failed on a batch of %d messages; they are acknowledged and skipped",
+                              len(batch))
+                outcome = Outcome()
+            await self._publish(outcome, publisher, now)
+            receiver.ack(batch)
+            self.stats.publish_failures = publisher.failures
+            if not everything:
+                return
+
+    async def _publish(self, outcome: Outcome, publisher: Publisher, now: float) -> None:
+        out: list[tuple[str, bytes]] = []
+        for alert in outcome.alerts:
+            body = alert.to_dict()
+            out.append((topics.alert(alert.site, alert.kind, alert.device_id), orjson.dumps(body)))
+            log.log(logging.WARNING if alert.event != "cleared" else logging.INFO,
+                    "alert %s", alert.event, extra={
+                        "alert_id": alert.alert_id, "rule": alert.rule, "severity": alert.severity,
+                        "device": alert.device_id, "site": alert.site, "value": alert.value,
+                        "threshold": alert.threshold})
+            for listener in self.alert_listeners:
+                if listener.qsize() < 10000:
+                    listener.put_nowait(body)
+        for letter in outcome.deadletters:
+            out.append((letter.deadletter_topic, letter.to_json(now)))
+            log.info("rejected %s", letter.reason, extra={
+                "topic": letter.topic, "detail": letter.detail, "rejected": letter.rejected,
+                "accepted": letter.accepted})
+        for status in outcome.statuses:
+            log.info("device %s", "online" if status.online else "offline",
+                     extra={"device": status.device_id, "kind": status.kind})
+        if out:
+            await publisher.publish_many(out)
+
+    async def _log_stats(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(self.config.logging.stats_interval_s)
+            self._log_counters("counters")
+
+    def _log_counters(self, message: str) -> None:
+        for kind, row in sorted(self.stats.snapshot().items()):
+            log.info(message, extra={"kind": kind, **row})

@@ -1,0 +1,1 @@
+"""Device simulators publishing over real MQTT with the design's topics and payloads."""
