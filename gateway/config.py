@@ -253,22 +253,21 @@ class _LineIndex:
             self.root = None
 
     def line(self, loc: tuple[Any, ...]) -> int | None:
+        """The line of the deepest part of ``loc`` found: a mapping key's own line, a list item's first."""
         node, best = self.root, None
         for part in loc:
-            if node is None:
-                break
-            best = node.start_mark.line + 1
             if isinstance(node, yaml.MappingNode):
-                node = next((v for k, v in node.value if k.value == str(part)), None)
-                if node is not None:
-                    best = node.start_mark.line + 1
+                pair = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+                if pair is None:
+                    break
+                best, node = pair[0].start_mark.line + 1, pair[1]
             elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
                 node = node.value[part]
                 best = node.start_mark.line + 1
             else:
-                node = None
-        if node is not None:
-            best = node.start_mark.line + 1
+                break
+        if best is None and self.root is not None:
+            best = self.root.start_mark.line + 1
         return best
 
 

@@ -21,6 +21,7 @@ from gateway.registry import Registry
 from gateway.schemas import READING_MODELS, Reading
 
 MAX_PROBLEMS_LISTED = 20
+_UNPARSED = object()  # JSON `null` is a document too; failure needs its own marker
 DEADLETTER_PAYLOAD_BYTES = 4096
 
 
@@ -177,7 +178,7 @@ class Decoder:
             out.deadletters.append(letter)
             return
         document = self._parse_json(payload, letter)
-        if document is None:
+        if document is _UNPARSED:
             out.deadletters.append(letter)
             return
 
@@ -288,16 +289,16 @@ class Decoder:
             return json.loads(payload, parse_constant=_reject_constant)
         except _NonFinite as exc:
             letter.add(None, "non_finite", f"payload holds {exc} (NaN and infinities are not numbers)")
-            return None
+            return _UNPARSED
         except (ValueError, RecursionError):
             pass
         try:
             payload.decode("utf-8")
         except UnicodeDecodeError as exc:
             letter.add(None, "bad_encoding", f"payload is not UTF-8 ({exc.reason} at byte {exc.start})")
-            return None
+            return _UNPARSED
         letter.add(None, "bad_json", f"payload is not JSON: {first_error}")
-        return None
+        return _UNPARSED
 
     def _status(self, kind: str, device_id: str, payload: bytes, letter: DeadLetter, out: Decoded) -> None:
         text = payload[:64].strip().lower()
