@@ -170,6 +170,13 @@ class IngestConfig(Section):
     batch_max: int = Field(default=5000, ge=1, description="messages handed to detection at once")
 
 
+class DetectionConfig(Section):
+    snapshot_interval_s: float = Field(default=30.0, gt=0,
+                                       description="detector state is written to state_dir this often and at exit")
+    offline_check_interval_s: float = Field(default=5.0, gt=0,
+                                            description="staleness is checked this often (gateway clock)")
+
+
 class LoggingConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["logfmt", "json"] = "logfmt"
@@ -195,6 +202,7 @@ class Config(BaseSettings):
     api: ApiConfig = Field(default_factory=ApiConfig)
     sla: dict[str, dict[str, StageTargets]] = Field(default_factory=dict)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    detection: DetectionConfig = Field(default_factory=DetectionConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @classmethod

@@ -1,17 +1,21 @@
 """One batch of raw messages in, alert events and dead letters out: decode → columns → rules.
 
 Synchronous and free of I/O, so the service can run it between receiving and acknowledging, and
-tests and simulators can drive it directly.
+tests and simulators can drive it directly. Snapshots are handed out and taken back as arrays; the
+service writes them to disk.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 
+from gateway import topics
 from gateway.config import Config
 from gateway.decode import DeadLetter, Decoder, StatusUpdate
 from gateway.metrics import Stats
@@ -37,23 +41,27 @@ def to_columns(items: list[tuple[int, Reading]], fields: tuple[str, ...]) -> Col
     nan = math.nan
     rows = np.fromiter((row for row, _ in items), dtype=np.int64, count=n)
     ts = np.fromiter((reading.ts for _, reading in items), dtype=np.float64, count=n)
+    seq = np.fromiter((-1 if reading.seq is None else reading.seq for _, reading in items), dtype=np.int64, count=n)
     flat = [
         nan if (v := getattr(reading, name)) is None else float(v)
         for _, reading in items
         for name in fields
     ]
     values = np.array(flat, dtype=np.float64).reshape(n, len(fields))
-    return ColumnBatch(rows=rows, ts=ts, values=values, fields=fields)
+    return ColumnBatch(rows=rows, ts=ts, values=values, fields=fields, seq=seq)
 
 
 class Pipeline:
-    def __init__(self, config: Config, registry: Registry, stats: Stats | None = None):
+    def __init__(self, config: Config, registry: Registry, stats: Stats | None = None,
+                 started_at: float | None = None):
         self.config = config
         self.registry = registry
         self.stats = stats or Stats()
         self.decoder = Decoder(config, registry)
+        started_at = time.time() if started_at is None else started_at
         self.engines = {
-            kind: KindEngine(kind, config.kinds.get(kind, KindProfile()), model.FIELDS, len(registry.series[kind]))
+            kind: KindEngine(kind, config.kinds.get(kind, KindProfile()), model.FIELDS, registry.series[kind],
+                             started_at=started_at)
             for kind, model in READING_MODELS.items()
         }
 
@@ -63,27 +71,75 @@ class Pipeline:
         decoded = self.decoder.decode(messages, now)
         outcome = Outcome(deadletters=decoded.deadletters, statuses=decoded.statuses)
         for device in decoded.registered:
-            log.warning("device auto-registered device=%s kind=%s site=%s", device.id, device.kind, device.site)
+            log.warning("device auto-registered", extra={"device": device.id, "kind": device.kind, "site": device.site})
         for topic, _ in messages:
             parts = topic.split("/", 4)
             stats.received[parts[2] if len(parts) > 2 and parts[2] in READING_MODELS else "_"] += 1
-        for letter in decoded.deadletters:
+        for kind, items in decoded.readings.items():
+            if items:
+                outcome.alerts.extend(self._detect(kind, items, now, outcome))
+        for status in decoded.statuses:
+            stats.statuses[(status.kind, "online" if status.online else "offline")] += 1
+            if not status.online:
+                engine = self.engines[status.kind]
+                series = self.registry.series[status.kind]
+                engine.ensure_series()
+                for (device_id, _), row in series.rows.items():
+                    if device_id == status.device_id:
+                        outcome.alerts.extend(engine.mark_offline(row, now))
+        for letter in outcome.deadletters:
             kind = letter.kind if letter.kind in READING_MODELS else "_"
             for _, reason, _ in letter.problems:
                 stats.rejected[(kind, reason)] += 1
             # Problems beyond the listed ones still count, under the first reason.
             stats.rejected[(kind, letter.reason)] += letter.rejected - len(letter.problems)
-        for status in decoded.statuses:
-            stats.statuses[(status.kind, "online" if status.online else "offline")] += 1
-        for kind, items in decoded.readings.items():
-            if not items:
-                continue
-            stats.valid[kind] += len(items)
-            engine = self.engines[kind]
-            series = self.registry.series[kind]
-            engine.ensure_series(len(series))
-            events = engine.evaluate(to_columns(items, engine.fields), series, now)
-            for event in events:
-                stats.alerts[(kind, event.rule, event.severity, event.event)] += 1
-            outcome.alerts.extend(events)
+        self._count(outcome.alerts)
         return outcome
+
+    def _detect(self, kind: str, items: list[tuple[int, Reading]], now: float, outcome: Outcome) -> list[AlertEvent]:
+        engine = self.engines[kind]
+        engine.ensure_series()
+        evaluation = engine.evaluate(to_columns(items, engine.fields), now)
+        rejected = len(evaluation.duplicate) + len(evaluation.too_late)
+        self.stats.valid[kind] += len(items) - rejected
+        # QoS 1 redeliveries are expected: counted, not dead-lettered.
+        self.stats.rejected[(kind, "duplicate")] += len(evaluation.duplicate)
+        series = self.registry.series[kind]
+        for index in evaluation.too_late.tolist():
+            row, reading = items[index]
+            letter = DeadLetter(topics.telemetry(series.sites[row], kind, series.device_ids[row]), series.sites[row],
+                                kind, series.device_ids[row], orjson.dumps(reading.model_dump()))
+            newest = engine.last_ts[row]
+            letter.add(None, "too_late", f"ts is {newest - reading.ts:.0f} s older than the newest reading of this "
+                                         f"series (lateness allowed: {engine.profile.lateness_s:.0f} s)")
+            outcome.deadletters.append(letter)
+        return evaluation.events
+
+    def check_offline(self, now: float) -> list[AlertEvent]:
+        events: list[AlertEvent] = []
+        for engine in self.engines.values():
+            engine.ensure_series()
+            events.extend(engine.check_offline(now))
+        self._count(events)
+        return events
+
+    def _count(self, events: list[AlertEvent]) -> None:
+        for event in events:
+            self.stats.alerts[(event.kind, event.rule, event.severity, event.event)] += 1
+
+    # -- state ---------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, np.ndarray]:
+        out = {}
+        for kind, engine in self.engines.items():
+            for name, array in engine.snapshot().items():
+                out[f"{kind}/{name}"] = array
+        return out
+
+    def restore(self, saved: dict[str, np.ndarray], now: float) -> dict[str, int]:
+        restored = {}
+        for kind, engine in self.engines.items():
+            prefix = f"{kind}/"
+            part = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
+            if "keys" in part:
+                restored[kind] = engine.restore(part, now)
+        return restored

@@ -8,8 +8,7 @@ because each port charges its own battery.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import Any
 
 from gateway.config import Config, Device
 from gateway.schemas import KINDS
@@ -24,6 +23,8 @@ class KindSeries:
     ports: list[int] = field(default_factory=list)  # 0 where the kind has no ports
     sites: list[str] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    attributes: list[dict[str, Any]] = field(default_factory=list)  # registry attributes rules may use
+    tags: list[list[str]] = field(default_factory=list)
     # (device_id, port) → row
     rows: dict[tuple[str, int], int] = field(default_factory=dict)
 
@@ -35,6 +36,8 @@ class KindSeries:
             self.ports.append(port)
             self.sites.append(device.site)
             self.names.append(device.name or device.id)
+            self.attributes.append(device.model_dump(exclude={"id", "name", "address", "tags"}, exclude_none=True))
+            self.tags.append(list(device.tags))
 
     def __len__(self) -> int:
         return len(self.device_ids)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import orjson
 
 from gateway import topics
@@ -53,6 +56,40 @@ class Gateway:
         self.embedded: EmbeddedBroker | None = None
         self.started = asyncio.Event()
         self.alert_listeners: list[asyncio.Queue[dict]] = []  # operator surfaces that follow alerts live
+        self.restore_state()
+
+    @property
+    def snapshot_path(self) -> Path:
+        return self.config.state_dir / "detectors.npz"
+
+    def restore_state(self) -> None:
+        """Take back the detector state of the last run: active alerts stay active, half-counted
+        durations go on, and nothing is raised again."""
+        path = self.snapshot_path
+        if not path.exists():
+            return
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                restored = self.pipeline.restore({k: data[k] for k in data.files}, time.time())
+        except (OSError, ValueError, KeyError) as exc:
+            aside = path.with_suffix(".unreadable")
+            path.replace(aside)
+            log.error("detector snapshot unreadable; starting with fresh state",
+                      extra={"path": str(path), "moved_to": str(aside), "error": str(exc)})
+            return
+        log.info("detector state restored", extra={"path": str(path), **restored})
+
+    def write_snapshot(self, arrays: dict[str, np.ndarray] | None = None) -> None:
+        """Atomically: a crash while writing leaves the previous snapshot in place."""
+        arrays = arrays if arrays is not None else self.pipeline.snapshot()
+        path = self.snapshot_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
 
     async def run(self, stop: asyncio.Event) -> None:
         self.address, self.embedded = resolve_broker(self.config, self.broker_url)
@@ -74,6 +111,7 @@ class Gateway:
         publisher.start()
         receiver.start()
         stats_task = asyncio.create_task(self._log_stats(stop), name="stats")
+        housekeeping = asyncio.create_task(self._housekeeping(stop, publisher), name="housekeeping")
         log.info("gateway starting broker=%s devices=%d series=%s", self.address, len(self.registry.devices),
                  {k: len(s) for k, s in self.registry.series.items()})
         stopping = asyncio.create_task(stop.wait())
@@ -109,8 +147,11 @@ class Gateway:
                           "the broker redelivers their readings on restart", SHUTDOWN_FLUSH_S)
             await asyncio.to_thread(receiver.stop)
             stats_task.cancel()
+            housekeeping.cancel()
+            await asyncio.gather(housekeeping, return_exceptions=True)
             stopping.cancel()
             await publisher.stop()
+            self.write_snapshot()
             self._log_counters("gateway stopped")
 
     async def _process(self, receiver: Receiver, publisher: Publisher, everything: bool = False) -> None:
@@ -157,6 +198,25 @@ class Gateway:
                      extra={"device": status.device_id, "kind": status.kind})
         if out:
             await publisher.publish_many(out)
+
+    async def _housekeeping(self, stop: asyncio.Event, publisher: Publisher) -> None:
+        """Staleness on the gateway clock, and periodic snapshots of the detector state."""
+        detection = self.config.detection
+        loop = asyncio.get_running_loop()
+        next_snapshot = loop.time() + detection.snapshot_interval_s
+        while not stop.is_set():
+            await asyncio.sleep(detection.offline_check_interval_s)
+            now = time.time()
+            events = self.pipeline.check_offline(now)
+            if events:
+                await self._publish(Outcome(alerts=events), publisher, now)
+            if loop.time() >= next_snapshot:
+                next_snapshot = loop.time() + detection.snapshot_interval_s
+                arrays = {k: v.copy() for k, v in self.pipeline.snapshot().items()}
+                try:
+                    await asyncio.to_thread(self.write_snapshot, arrays)
+                except OSError as exc:
+                    log.error("could not write the detector snapshot", extra={"error": str(exc)})
 
     async def _log_stats(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

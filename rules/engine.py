@@ -1,20 +1,54 @@
 """Rule profiles compiled to arrays and evaluated over a columnar batch of one kind.
 
-The engine owns the alert state of every (rule, series): the current level (0 = no alert) and the
-device time the current episode was raised. Evaluation sorts the batch by (series, device time),
-asks the threshold kernel for the level after every reading, and turns each change of level into
-an :class:`AlertEvent`. Python only touches the readings whose level changed.
+The engine owns every piece of per-series state (alert levels, debounce runs, flap history, window
+rings, the newest device time and recent ``seq`` numbers, when each series was last heard from) in
+arrays, so it can be snapshotted and restored.
+
+A batch is sorted by (series, device time) and stepped in *rounds*: round k takes the k-th reading
+of every series that has one, as a single vectorised step over all those series. Every step is
+elementwise, so the result is exactly that of processing each series' readings one by one in device
+time order, while the usual batch (one reading per series) costs a single round. Readings that
+repeat a ``seq`` (or the device time of the newest reading) are duplicates; readings older than the
+newest by more than the kind's ``lateness_s`` are rejected as too late. Duplicates are found as IPsec
+finds replays: per series, the highest ``seq`` and a 64-bit map of which of the 64 below it were seen;
+a reading no newer than the newest one whose seq was seen, or lies further behind, is a replay (a
+redelivered device batch). A newer reading is never a replay: if its seq went backwards the device's
+counter was reset (a reboot) and the window starts again from it. Readings without ``seq`` are only
+recognised as duplicates when they repeat the newest device time. Screening runs round by round too,
+so it is as sequential as the rules.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from detectors import threshold
-from rules.events import EVENT_ZH, SEVERITY_ZH, AlertEvent, SeriesInfo, alert_id, severity_name
-from rules.model import KindProfile, Rule
+from detectors import flapping as flap
+from detectors import runs, schedule
+from detectors.compare import CLEAR_OP, compare
+from detectors.window import Ring, aggregate, samples, span
+from rules.events import EVENT_ZH, SEVERITY_ZH, AlertEvent, alert_id, severity_name
+from rules.model import Condition, KindProfile, Param, ParamRef, Rule, Severity, parse_schedule
+
+LOCAL_TZ = ZoneInfo("Asia/Shanghai")
+UTC_OFFSET_S = 8 * 3600  # Asia/Shanghai: UTC+8, no daylight saving since 1991
+SEQ_WINDOW = 64  # anti-replay window (as IPsec's): seqs more than this far behind the newest are replays
+
+
+class SeriesInfo(Protocol):
+    """What rules need to know about the series of one kind (the gateway's registry provides it)."""
+
+    device_ids: Sequence[str]
+    ports: Sequence[int]
+    sites: Sequence[str]
+    names: Sequence[str]
+    attributes: Sequence[dict[str, Any]]
+    tags: Sequence[Sequence[str]]
+
+    def __len__(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -25,120 +59,474 @@ class ColumnBatch:
     ts: np.ndarray  # float64 (n,) device time, epoch seconds
     values: np.ndarray  # float64 (n, n_fields), NaN where a reading lacks the field
     fields: tuple[str, ...]
+    seq: np.ndarray | None = None  # int64 (n,), -1 where a reading has none
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
 
 
+@dataclass
+class Evaluation:
+    events: list[AlertEvent] = field(default_factory=list)
+    duplicate: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # batch indexes
+    too_late: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+# --------------------------------------------------------------------------------------------
+# Compilation
+
+
+class ParamTable:
+    """A per-series parameter, resolved for (series, device time)."""
+
+    def __init__(self, name: str, param: Param, series: SeriesInfo):
+        self.name = name
+        self.param = param
+        self.night_windows = parse_schedule([param.night_hours])
+        self.day = self._values(param.day if param.day is not None else param.values, series)
+        self.night = self._values(param.night, series) if param.night is not None else None
+
+    def _values(self, table: dict[str, float] | None, series: SeriesInfo) -> np.ndarray:
+        out = np.full(len(series), np.nan if self.param.default is None else self.param.default)
+        for row, attributes in enumerate(series.attributes):
+            raw = attributes.get(self.param.attribute)
+            if raw is None:
+                continue
+            if table is None:
+                try:
+                    out[row] = float(raw) * self.param.scale
+                except (TypeError, ValueError):
+                    pass
+            elif str(raw) in table:
+                out[row] = table[str(raw)] * self.param.scale
+        return out
+
+    def resolve(self, rows: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        if self.night is None:
+            return self.day[rows]
+        at_night = schedule.active(ts, self.night_windows, UTC_OFFSET_S)
+        return np.where(at_night, self.night[rows], self.day[rows])
+
+
 @dataclass(frozen=True)
-class CompiledRule:
-    rule_id: str
-    rule: Rule
-    column: int
-    thresholds: np.ndarray  # mildest → worst
-    levels: np.ndarray  # int8 severity level per threshold
-    clear: float
+class CompiledCondition:
+    condition: Condition
+    constant: float | None
+    param: ParamTable | None
 
     @classmethod
-    def compile(cls, rule_id: str, rule: Rule, fields: tuple[str, ...]) -> CompiledRule:
-        pairs = rule.raise_.levels()
-        thresholds = np.array([v for _, v in pairs], dtype=np.float64)
-        clear = rule.clear if rule.clear is not None else float(thresholds[0])
-        if rule.clear is None and rule.op in (">", "<"):
-            # Without a band, "clear" is simply "create no longer holds": for a strict op the
-            # threshold value itself no longer raises, so it clears too.
-            clear = float(np.nextafter(clear, np.inf if rule.rising else -np.inf))
-        return cls(rule_id, rule, fields.index(rule.field), thresholds,
-                   np.array([int(s) for s, _ in pairs], dtype=np.int8), clear)
+    def compile(cls, condition: Condition, params: dict[str, ParamTable]) -> CompiledCondition:
+        t = condition.threshold
+        if isinstance(t, ParamRef):
+            return cls(condition, None, params[t.param])
+        return cls(condition, float(t), None)
 
-    def threshold_for(self, level: int) -> float:
-        return float(self.thresholds[np.nonzero(self.levels == level)[0][0]])
+    def thresholds(self, rows: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        if self.param is None:
+            return np.full(rows.shape[0], self.constant)
+        ref = self.condition.threshold
+        assert isinstance(ref, ParamRef)
+        return self.param.resolve(rows, ts) * ref.scale + ref.offset
+
+
+class CompiledRule:
+    def __init__(self, rule_id: str, rule: Rule, fields: tuple[str, ...], params: dict[str, ParamTable],
+                 series: SeriesInfo):
+        self.rule_id = rule_id
+        self.rule = rule
+        self.column = fields.index(rule.field)
+        pairs = rule.raise_.levels()
+        self.levels = np.array([int(s) for s, _ in pairs], dtype=np.int8)
+        self.creates = [CompiledCondition.compile(c, params) for _, c in pairs]
+        # Without a clear condition the alert clears once the mildest create comparison no longer holds.
+        self.clear = CompiledCondition.compile(rule.clear, params) if rule.clear else None
+        self.windows = parse_schedule(rule.schedule) if rule.schedule else None
+        self.bump = np.zeros(len(series), dtype=np.int8)
+        self._tag_bumps(series)
+
+    def _tag_bumps(self, series: SeriesInfo) -> None:
+        for row, tags in enumerate(series.tags):
+            self.bump[row] = sum(self.rule.escalate_tags.get(t, 0) for t in tags)
+
+
+class RuleState:
+    """Per-series state of one rule."""
+
+    def __init__(self, n_series: int, n_levels: int):
+        self.level = np.zeros(n_series, dtype=np.int8)  # what the conditions say now
+        self.announced = np.zeros(n_series, dtype=np.int8)  # what was last sent (differs while flapping)
+        self.raised_ts = np.zeros(n_series)  # device time the announced episode was raised
+        self.run_start = np.full((n_levels + 1, n_series), np.nan)  # per create condition, then clear
+        self.run_count = np.zeros((n_levels + 1, n_series), dtype=np.int32)
+        self.flap_bits = np.zeros(n_series, dtype=np.uint64)
+        self.flapping = np.zeros(n_series, dtype=bool)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return dict(vars(self))
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
 
 
 class KindEngine:
-    """All rules of one kind, with the alert state of every series."""
+    """All rules of one kind, with the state of every series."""
 
-    def __init__(self, kind: str, profile: KindProfile, fields: tuple[str, ...], n_series: int):
+    def __init__(self, kind: str, profile: KindProfile, fields: tuple[str, ...], series: SeriesInfo,
+                 started_at: float = 0.0):
         self.kind = kind
-        self.rules = [CompiledRule.compile(rid, r, fields) for rid, r in profile.rules.items()]
+        self.profile = profile
         self.fields = fields
-        self.level = np.zeros((len(self.rules), n_series), dtype=np.int8)
-        self.raised_ts = np.zeros((len(self.rules), n_series), dtype=np.float64)
+        self.series = series
+        self._compile()
+        n = len(series)
+        self.last_ts = np.full(n, -np.inf)  # newest device time accepted
+        self.max_seq = np.full(n, -1, dtype=np.int64)  # highest seq accepted
+        self.seq_bits = np.zeros(n, dtype=np.uint64)  # bit k: seq max_seq - k was accepted
+        self.last_seen = np.full(n, float(started_at))  # gateway time of the last accepted reading
+        self.offline = np.zeros(n, dtype=bool)
+        self.offline_since = np.zeros(n)  # device time the offline episode began (its alert id)
+        self.state = [RuleState(n, len(r.levels)) for r in self.rules]
+        window_fields = sorted({r.column for r in self.rules if r.rule.window is not None})
+        self.rings = {col: Ring(n, profile.window_samples) for col in window_fields}
+
+    def _compile(self) -> None:
+        self.params = {name: ParamTable(name, p, self.series) for name, p in self.profile.params.items()}
+        self.rules = [CompiledRule(rid, r, self.fields, self.params, self.series)
+                      for rid, r in self.profile.rules.items()]
+        self.offline_bump = np.array([sum(self.profile.offline.escalate_tags.get(t, 0) for t in tags)
+                                      for tags in self.series.tags], dtype=np.int8)
 
     @property
     def n_series(self) -> int:
-        return int(self.level.shape[1])
+        return int(self.last_ts.shape[0])
 
-    def ensure_series(self, n_series: int) -> None:
-        """Grow the state for series registered since (auto-registration)."""
-        grow = n_series - self.n_series
-        if grow > 0:
-            self.level = np.pad(self.level, ((0, 0), (0, grow)))
-            self.raised_ts = np.pad(self.raised_ts, ((0, 0), (0, grow)))
+    def ensure_series(self) -> None:
+        """Grow the state for series registered since (auto-registration) and recompile params."""
+        extra = len(self.series) - self.n_series
+        if extra <= 0:
+            return
 
-    def evaluate(self, batch: ColumnBatch, series: SeriesInfo, gateway_time: float) -> list[AlertEvent]:
-        if len(batch) == 0 or not self.rules:
-            return []
-        order = np.lexsort((batch.ts, batch.rows))  # stable: equal ts keep arrival order
-        rows = batch.rows[order]
-        ts = batch.ts[order]
-        starts = threshold.group_starts(rows)
-        last_of_series = np.ones(rows.shape[0], dtype=bool)
-        last_of_series[:-1] = rows[1:] != rows[:-1]
-        events: list[AlertEvent] = []
-        for r, compiled in enumerate(self.rules):
-            values = batch.values[order, compiled.column]
-            decisions = threshold.severity_decisions(
-                values, compiled.thresholds, compiled.levels,
-                rising=compiled.rule.rising, inclusive=compiled.rule.op in (">=", "<="), clear=compiled.clear,
-            )
-            prior = self.level[r, rows]
-            after = threshold.hold_last(starts, decisions, prior)
-            before = threshold.previous_levels(starts, after, prior)
-            for i in np.flatnonzero(after != before):
-                events.append(self._event(r, compiled, int(rows[i]), int(before[i]), int(after[i]),
-                                          float(values[i]), float(ts[i]), series, gateway_time))
-            self.level[r, rows[last_of_series]] = after[last_of_series]
+        def pad(a: np.ndarray, fill: Any, axis: int = 0) -> np.ndarray:
+            shape = list(a.shape)
+            shape[axis] = extra
+            return np.concatenate([a, np.full(shape, fill, dtype=a.dtype)], axis=axis)
+
+        self.last_ts = pad(self.last_ts, -np.inf)
+        self.max_seq = pad(self.max_seq, -1)
+        self.seq_bits = pad(self.seq_bits, 0)
+        self.last_seen = pad(self.last_seen, float(self.last_seen.max(initial=0.0)))
+        self.offline = pad(self.offline, False)
+        self.offline_since = pad(self.offline_since, 0.0)
+        for st in self.state:
+            for name, a in st.arrays().items():
+                fill = np.nan if name == "run_start" else 0
+                setattr(st, name, pad(a, fill, axis=a.ndim - 1))
+        for ring in self.rings.values():
+            ring.grow(len(self.series))
+        self._compile()
+
+    # -- readings ------------------------------------------------------------------------------
+    def evaluate(self, batch: ColumnBatch, gateway_time: float) -> Evaluation:
+        out = Evaluation()
+        if len(batch) == 0:
+            return out
+        n = len(batch)
+        seq = batch.seq if batch.seq is not None else np.full(n, -1, dtype=np.int64)
+        order = np.lexsort((np.arange(n), batch.ts, batch.rows))  # equal times keep arrival order
+        rows, ts, seq, values = batch.rows[order], batch.ts[order], seq[order], batch.values[order]
+        first = np.ones(n, dtype=bool)
+        first[1:] = rows[1:] != rows[:-1]
+        starts = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+        rank = np.arange(n) - starts
+        by_round = np.argsort(rank, kind="stable")
+        bounds = np.concatenate(([0], np.cumsum(np.bincount(rank))))
+        duplicate, too_late = [], []
+        for k in range(bounds.shape[0] - 1):
+            pick = by_round[bounds[k]:bounds[k + 1]]
+            dup, late = self._screen(rows[pick], ts[pick], seq[pick])
+            duplicate.append(order[pick[dup]])
+            too_late.append(order[pick[late]])
+            keep = pick[~(dup | late)]
+            if keep.shape[0]:
+                self._round(rows[keep], ts[keep], values[keep], seq[keep], gateway_time, out.events)
+        out.events.sort(key=lambda e: e.ts)  # device-time order across series (stable within one)
+        out.duplicate = np.sort(np.concatenate(duplicate))
+        out.too_late = np.sort(np.concatenate(too_late))
+        return out
+
+    def _screen(self, rows: np.ndarray, ts: np.ndarray, seq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Duplicates and too-late readings among one reading per series.
+
+        A reading newer in device time than everything processed is never a duplicate, whatever its
+        seq (a device that rebooted starts counting again); an older one is a duplicate when its seq
+        was seen or lies behind the window.
+        """
+        last_ts = self.last_ts[rows]
+        older = ts <= last_ts
+        has_seq = seq >= 0
+        behind = self.max_seq[rows] - seq
+        in_window = has_seq & (behind >= 0) & (behind < SEQ_WINDOW)
+        shift = np.clip(behind, 0, SEQ_WINDOW - 1).astype(np.uint64)
+        seen = in_window & (((self.seq_bits[rows] >> shift) & np.uint64(1)) == 1)
+        replay = has_seq & (behind >= SEQ_WINDOW)
+        duplicate = (ts == last_ts) | (older & (seen | replay))
+        too_late = ~duplicate & (ts < last_ts - self.profile.lateness_s)
+        return duplicate, too_late
+
+    def _round(self, rows: np.ndarray, ts: np.ndarray, values: np.ndarray, seq: np.ndarray,
+               gateway_time: float, events: list[AlertEvent]) -> None:
+        """One reading for each of ``rows`` (unique), in device-time order per series."""
+        advancing = ts > self.last_ts[rows]
+        self.last_ts[rows] = np.maximum(self.last_ts[rows], ts)
+        has_seq = seq >= 0
+        if has_seq.any():
+            r, s, forward = rows[has_seq], seq[has_seq], advancing[has_seq]
+            newest, bits = self.max_seq[r], self.seq_bits[r]
+            ahead = s > newest
+            restart = forward & ~ahead  # newer reading, lower seq: the device's counter was reset
+            step = np.clip(s - newest, 0, SEQ_WINDOW).astype(np.uint64)
+            moved = np.where(step >= SEQ_WINDOW, np.uint64(0), bits << np.minimum(step, np.uint64(SEQ_WINDOW - 1)))
+            behind = np.clip(newest - s, 0, SEQ_WINDOW - 1).astype(np.uint64)
+            filled = bits | (np.uint64(1) << behind)
+            self.seq_bits[r] = np.where(ahead, moved | np.uint64(1), np.where(restart, np.uint64(1), filled))
+            self.max_seq[r] = np.where(ahead | restart, s, newest)
+        self.last_seen[rows] = gateway_time
+        back = rows[self.offline[rows]]
+        if back.shape[0]:
+            back_ts = ts[self.offline[rows]]
+            for row, t in zip(back.tolist(), back_ts.tolist()):
+                events.append(self._offline_event(row, "cleared", t, gateway_time))
+            self.offline[back] = False
+        for col, ring in self.rings.items():
+            ring.push(rows, ts, values[:, col])
+        for rule, state in zip(self.rules, self.state):
+            self._step_rule(rule, state, rows, ts, values, gateway_time, events)
+
+    def _step_rule(self, rule: CompiledRule, state: RuleState, rows: np.ndarray, ts: np.ndarray,
+                   values: np.ndarray, gateway_time: float, events: list[AlertEvent]) -> None:
+        spec = rule.rule
+        raw = values[:, rule.column]
+        carries = ~np.isnan(raw)
+        if not carries.any():
+            return
+        # Only readings that carry the field step this rule.
+        rows, ts, raw = rows[carries], ts[carries], raw[carries]
+        if spec.window is not None:
+            w_ts, w_values = self.rings[rule.column].window(rows, ts, spec.window.seconds)
+            value = aggregate(spec.window.aggregate, w_ts, w_values)
+            enough = samples(w_values) >= spec.window.min_samples
+            if spec.window.min_span_s > 0:
+                enough &= span(w_ts) >= spec.window.min_span_s
+            value = np.where(enough, value, np.nan)
+        else:
+            value = raw
+        in_schedule = schedule.active(ts, rule.windows, UTC_OFFSET_S) if rule.windows else np.ones(rows.shape[0], bool)
+        # Outside its schedule a rule is off: nothing raises, everything clears.
+        informative = ~np.isnan(value) | ~in_schedule
+
+        worst = np.zeros(rows.shape[0], dtype=np.int8)
+        worst_threshold = np.full(rows.shape[0], np.nan)
+        for j, (level, create) in enumerate(zip(rule.levels, rule.creates)):
+            threshold = create.thresholds(rows, ts)
+            holds = compare(value, threshold, spec.op) & in_schedule
+            met = runs.step(holds, informative, ts, state.run_start[j], state.run_count[j], rows,
+                            create.condition.for_s, create.condition.count)
+            better = met & (level > worst)
+            worst = np.where(better, level, worst)
+            worst_threshold = np.where(better, threshold, worst_threshold)
+        if rule.clear is not None:
+            clear_threshold = rule.clear.thresholds(rows, ts)
+            clear_for, clear_count = rule.clear.condition.for_s, rule.clear.condition.count
+            back_to_normal = compare(value, clear_threshold, CLEAR_OP[spec.op])
+        else:
+            clear_threshold = rule.creates[0].thresholds(rows, ts)
+            clear_for, clear_count = 0.0, 1
+            back_to_normal = ~compare(value, clear_threshold, spec.op) & ~np.isnan(value)
+        cleared = runs.step(back_to_normal | ~in_schedule, informative, ts, state.run_start[-1],
+                            state.run_count[-1], rows, clear_for, clear_count) | ~in_schedule
+
+        if rule.bump.any():
+            worst = np.where(worst > 0, np.minimum(worst + rule.bump[rows], int(Severity.critical)), worst)
+        current = state.level[rows]
+        level = np.where(worst > 0, worst, np.where(cleared, 0, current)).astype(np.int8)
+        level = np.where(informative, level, current)
+        state.level[rows] = level
+
+        announced = state.announced[rows]
+        flapping = state.flapping[rows]
+        started_flapping = np.zeros(rows.shape[0], dtype=bool)
+        if spec.flapping is not None:
+            evaluated = informative
+            share = flap.step(state.flap_bits, rows[evaluated], (level != current)[evaluated], spec.flapping.history)
+            share_all = np.zeros(rows.shape[0])
+            share_all[evaluated] = share
+            started_flapping = evaluated & ~flapping & (share_all >= spec.flapping.high)
+            stopped = evaluated & flapping & (share_all <= spec.flapping.low)
+            flapping = (flapping | started_flapping) & ~stopped
+            state.flapping[rows] = flapping
+        send = ~flapping & (level != announced)
+        for i in np.flatnonzero(send | started_flapping).tolist():
+            row = int(rows[i])
+            before, after = int(announced[i]), int(level[i])
+            if started_flapping[i]:
+                # The flap is reported at the worse of what was sent and what the conditions say now.
+                shown = max(before, after) or int(Severity.info)
+                events.append(self._event(rule, state, row, shown, shown, float(value[i]),
+                                          float(worst_threshold[i]), float(ts[i]), gateway_time, "flapping"))
+                continue
+            limit = float(clear_threshold[i]) if after == 0 else float(worst_threshold[i])
+            event = "raised" if before == 0 else ("cleared" if after == 0 else "updated")
+            if np.isnan(limit):  # de-escalated by a flap ending: the threshold of the level held
+                limit = float(clear_threshold[i])
+            events.append(self._event(rule, state, row, before, after, float(value[i]), limit, float(ts[i]),
+                                      gateway_time, event))
+            state.announced[row] = after
+
+    # -- staleness (gateway clock) ----------------------------------------------------------------
+    def check_offline(self, now: float) -> list[AlertEvent]:
+        """Raise the offline alert of every series silent for longer than the kind's timeout."""
+        silent = ~self.offline & (now - self.last_seen > self.profile.offline_after_s)
+        events = []
+        for row in np.flatnonzero(silent).tolist():
+            self.offline[row] = True
+            self.offline_since[row] = now
+            events.append(self._offline_event(row, "raised", now, now))
         return events
 
-    def _event(self, r: int, compiled: CompiledRule, row: int, before: int, after: int, value: float,
-               ts: float, series: SeriesInfo, gateway_time: float) -> AlertEvent:
-        if before == 0:
-            self.raised_ts[r, row] = ts
-        raised_ts = float(self.raised_ts[r, row])
-        event = "raised" if before == 0 else ("cleared" if after == 0 else "updated")
-        severity = severity_name(after if after else before)
-        limit = compiled.clear if after == 0 else compiled.threshold_for(after)
-        rule = compiled.rule
-        device_id, port = series.device_ids[row], series.ports[row]
-        name = series.names[row] + (f" {port}号口" if port else "")
-        fill = dict(device=device_id, name=name, value=value, threshold=limit, unit=rule.unit, severity=severity)
-        if rule.message is not None:
-            zh, en = rule.message.zh.format(**fill), rule.message.en.format(**fill)
+    def mark_offline(self, row: int, now: float) -> list[AlertEvent]:
+        """The device said so itself (its last will, or a retained status)."""
+        if self.offline[row]:
+            return []
+        self.offline[row] = True
+        self.offline_since[row] = now
+        return [self._offline_event(row, "raised", now, now)]
+
+    def _offline_event(self, row: int, event: str, ts: float, gateway_time: float) -> AlertEvent:
+        spec = self.profile.offline
+        level = min(int(Severity[spec.severity]) + int(self.offline_bump[row]), int(Severity.critical))
+        silent_s = max(0.0, gateway_time - float(self.last_seen[row])) if event == "raised" else 0.0
+        name = self._name(row)
+        hours = self.profile.offline_after_s / 3600
+        fill = dict(device=self.series.device_ids[row], name=name, value=silent_s,
+                    threshold=self.profile.offline_after_s, unit="s", severity=severity_name(level))
+        if spec.message is not None:
+            zh, en = spec.message.zh.format(**fill), spec.message.en.format(**fill)
         else:
-            zh = f"{name} {compiled.rule_id} {value:g}{rule.unit}（阈值 {limit:g}）"
-            en = f"{compiled.rule_id} {value:g}{rule.unit} at {name} (limit {limit:g})"
+            zh = f"{name} 离线（{hours:g} 小时无数据）"
+            en = f"{name} offline (no reading for {hours:g} h)"
+        return self._build("offline", "", event, level if event == "raised" else 0, level, row,
+                           float(self.offline_since[row]), silent_s, self.profile.offline_after_s, ">", "s", ts,
+                           gateway_time, zh, en)
+
+    # -- events -------------------------------------------------------------------------------
+    def _name(self, row: int) -> str:
+        port = self.series.ports[row]
+        return self.series.names[row] + (f" {port}号口" if port else "")
+
+    def _event(self, rule: CompiledRule, state: RuleState, row: int, before: int, after: int, value: float,
+               limit: float, ts: float, gateway_time: float, event: str) -> AlertEvent:
+        if event == "raised":
+            state.raised_ts[row] = ts
+        raised_ts = float(state.raised_ts[row]) if (before or after) else ts
+        spec = rule.rule
+        severity = severity_name(after if after else before) if (after or before) else "info"
+        name = self._name(row)
+        fill = dict(device=self.series.device_ids[row], name=name, value=value, threshold=limit, unit=spec.unit,
+                    severity=severity)
+        if spec.message is not None:
+            zh, en = spec.message.zh.format(**fill), spec.message.en.format(**fill)
+        else:
+            zh = f"{name} {rule.rule_id} {value:g}{spec.unit}（阈值 {limit:g}）"
+            en = f"{rule.rule_id} {value:g}{spec.unit} at {name} (limit {limit:g})"
+        return self._build(rule.rule_id, spec.field, event, after, before, row, raised_ts, value, limit, spec.op,
+                           spec.unit, ts, gateway_time, zh, en)
+
+    def _build(self, rule_id: str, field_name: str, event: str, after: int, before: int, row: int,
+               raised_ts: float, value: float, limit: float, op: str, unit: str, ts: float,
+               gateway_time: float, zh: str, en: str) -> AlertEvent:
+        severity = severity_name(after if after else before) if (after or before) else "info"
         zh = f"【{SEVERITY_ZH[severity]}·{EVENT_ZH[event]}】{zh}"
         en = f"[{severity} {event}] {en}"
+        device_id, port = self.series.device_ids[row], self.series.ports[row]
         return AlertEvent(
-            alert_id=alert_id(device_id, port, compiled.rule_id, raised_ts),
+            alert_id=alert_id(device_id, port, rule_id, raised_ts),
             event=event,  # type: ignore[arg-type]
-            rule=compiled.rule_id,
+            rule=rule_id,
             kind=self.kind,
             severity=severity,
-            previous_severity=severity_name(before) if before else None,
-            site=series.sites[row],
+            previous_severity=severity_name(before) if before and event != "flapping" else None,
+            site=self.series.sites[row],
             device_id=device_id,
             port=port or None,
-            device_name=series.names[row],
-            field=rule.field,
+            device_name=self.series.names[row],
+            field=field_name,
             value=value,
             threshold=limit,
-            op=rule.op,
-            unit=rule.unit,
+            op=op,
+            unit=unit,
             ts=ts,
             raised_ts=raised_ts,
             gateway_time=gateway_time,
             message_zh=zh,
             message_en=en,
+            flapping=event == "flapping",
         )
+
+    # -- snapshot -----------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Every state array, keyed for :meth:`restore`; rows are identified by device and port."""
+        out: dict[str, np.ndarray] = {
+            "keys": np.array([f"{d}#{p}" for d, p in zip(self.series.device_ids, self.series.ports)]),
+            "last_ts": self.last_ts, "max_seq": self.max_seq, "seq_bits": self.seq_bits,
+            "last_seen": self.last_seen, "offline": self.offline, "offline_since": self.offline_since,
+        }
+        for rule, st in zip(self.rules, self.state):
+            for name, a in st.arrays().items():
+                out[f"rule.{rule.rule_id}.{name}"] = a
+        for col, ring in self.rings.items():
+            field_name = self.fields[col]
+            out[f"ring.{field_name}.ts"], out[f"ring.{field_name}.values"] = ring.ts, ring.values
+            out[f"ring.{field_name}.pos"] = ring.pos
+        return out
+
+    def restore(self, saved: dict[str, np.ndarray], now: float) -> int:
+        """Take back state saved by :meth:`snapshot`; returns how many series were restored.
+
+        Series are matched by device and port, so a registry that changed in between restores what
+        still exists. Rules are matched by id; a rule whose levels changed starts afresh. Time the
+        gateway was down is not held against devices: their silence is counted from the restart.
+        """
+        keys = [str(k) for k in saved["keys"]]
+        current = {f"{d}#{p}": i for i, (d, p) in enumerate(zip(self.series.device_ids, self.series.ports))}
+        pairs = [(i, current[k]) for i, k in enumerate(keys) if k in current]
+        if not pairs:
+            return 0
+        src = np.array([s for s, _ in pairs])
+        dst = np.array([d for _, d in pairs])
+        saved_at = float(np.max(saved["last_seen"])) if saved["last_seen"].size else now
+        downtime = max(0.0, now - saved_at)
+        self.last_ts[dst] = saved["last_ts"][src]
+        self.max_seq[dst] = saved["max_seq"][src]
+        self.seq_bits[dst] = saved["seq_bits"][src]
+        self.last_seen[dst] = saved["last_seen"][src] + downtime
+        self.offline[dst] = saved["offline"][src]
+        self.offline_since[dst] = saved["offline_since"][src]
+        for rule, st in zip(self.rules, self.state):
+            prefix = f"rule.{rule.rule_id}."
+            arrays = {name: saved.get(prefix + name) for name in st.arrays()}
+            if any(a is None for a in arrays.values()) or arrays["run_start"].shape[0] != st.run_start.shape[0]:
+                continue
+            for name, a in arrays.items():
+                getattr(st, name)[..., dst] = a[..., src]
+        for col, ring in self.rings.items():
+            prefix = f"ring.{self.fields[col]}."
+            if prefix + "ts" in saved and saved[prefix + "ts"].shape[1] == ring.samples:
+                ring.ts[dst] = saved[prefix + "ts"][src]
+                ring.values[dst] = saved[prefix + "values"][src]
+                ring.pos[dst] = saved[prefix + "pos"][src]
+        return len(pairs)
+
+    def state_bytes_per_series(self) -> float:
+        total = sum(a.nbytes for a in self.snapshot().values() if a.dtype.kind != "U")
+        return total / max(1, self.n_series)

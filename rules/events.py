@@ -4,33 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Literal, Protocol, Sequence
+from typing import Any, Literal
 
 from rules.model import Severity
 
 SEVERITY_ZH = {"info": "提示", "warning": "警告", "major": "严重", "critical": "紧急"}
-EVENT_ZH = {"raised": "告警", "updated": "告警等级变化", "cleared": "已恢复"}
-
-
-class SeriesInfo(Protocol):
-    """What rules need to know about the series of one kind (the gateway's registry provides it)."""
-
-    device_ids: Sequence[str]
-    ports: Sequence[int]
-    sites: Sequence[str]
-    names: Sequence[str]
+EVENT_ZH = {"raised": "告警", "updated": "告警等级变化", "cleared": "已恢复", "flapping": "频繁波动，暂停推送"}
 
 
 @dataclass(slots=True)
 class AlertEvent:
-    """One change of one alert: raised, escalated or de-escalated (updated), or cleared.
+    """One change of one alert: raised, escalated or de-escalated (updated), or cleared; or the news
+    that it is flapping (its changes are held until it settles, then one event says where it ended).
 
     ``alert_id`` is the same for every event of one episode (raise … clear) and is derived from the
     device time of the raise, so a reading redelivered after a restart yields the same id.
     """
 
     alert_id: str
-    event: Literal["raised", "updated", "cleared"]
+    event: Literal["raised", "updated", "cleared", "flapping"]
     rule: str
     kind: str
     severity: str  # the severity now; on "cleared", the severity it had
@@ -49,6 +41,7 @@ class AlertEvent:
     gateway_time: float
     message_zh: str
     message_en: str
+    flapping: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +65,7 @@ class AlertEvent:
             "raised_ts": self.raised_ts,
             "gateway_time": self.gateway_time,
             "message": {"zh": self.message_zh, "en": self.message_en},
+            "flapping": self.flapping,
         }
 
 

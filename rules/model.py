@@ -1,16 +1,29 @@
 """Rule profiles per device kind, as configured under ``kinds:`` in config.yaml.
 
-A rule watches one reading field and holds a create threshold per severity plus a separate clear
-threshold, so one alert can escalate (warning → major) and de-escalate without being re-raised,
-and hysteresis keeps it from chattering around a single limit (raise at 75 dB, clear below 72 dB).
+A rule watches one reading field (or a rolling aggregate of it over a window of device time) and
+holds a *create* condition per severity plus a separate *clear* condition, so one alert escalates
+(warning → major) and de-escalates without being raised again, and hysteresis keeps it from
+chattering around a single limit (raise at 75 dB, clear below 72 dB). A condition is a comparison
+against a threshold (a number, or a per-device parameter such as the zone's night limit) that may
+have to hold for a duration of device time (``for_s``) or a number of readings in a row
+(``count``). Rules may be limited to local-time schedules (Asia/Shanghai) and escalate for devices
+with given tags (``elderly_alone``). A rule whose state keeps changing is held as *flapping*
+(Kapacitor's flapping(low, high)).
 """
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SEVERITY_NAMES = ("info", "warning", "major", "critical")
+Comparison = Literal[">", ">=", "<", "<="]
+Aggregate = Literal["leq", "mean", "max", "min", "p10", "p50", "p90", "range", "rise_per_min", "rebound"]
+
+_HHMM = r"([01]\d|2[0-3]):([0-5]\d)"
 
 
 class Severity(IntEnum):
@@ -23,16 +36,90 @@ class Severity(IntEnum):
     critical = 4
 
 
-SEVERITY_NAMES = ("info", "warning", "major", "critical")
-
-Comparison = Literal[">", ">=", "<", "<="]
-
-
-class Message(BaseModel):
-    """Bilingual alert text. ``{device}``, ``{name}``, ``{value}``, ``{threshold}`` and ``{unit}``
-    are filled in; an unknown placeholder is a config error, not a crash at alert time."""
-
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ParamRef(Strict):
+    """A per-series parameter, optionally shifted: ``{param: limit_db, offset: 15}``."""
+
+    param: str
+    offset: float = 0.0
+    scale: float = 1.0
+
+
+Threshold = float | ParamRef
+
+
+class Condition(Strict):
+    """``value <op> threshold``, held for ``for_s`` seconds of device time and ``count`` readings in a row.
+
+    A bare number in YAML is the threshold alone.
+    """
+
+    threshold: Threshold
+    for_s: float = Field(default=0.0, ge=0, description="debounce by duration: must hold this long")
+    count: int = Field(default=1, ge=1, le=10000, description="debounce by count: readings in a row")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_threshold(cls, value: object) -> object:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return {"threshold": value}
+        if isinstance(value, dict) and "param" in value:
+            return {"threshold": value}
+        return value
+
+
+class Thresholds(Strict):
+    """Create condition per severity; a reading raises the worst severity whose condition is met."""
+
+    info: Condition | None = None
+    warning: Condition | None = None
+    major: Condition | None = None
+    critical: Condition | None = None
+
+    def levels(self) -> list[tuple[Severity, Condition]]:
+        return [(Severity[name], c) for name in SEVERITY_NAMES if (c := getattr(self, name)) is not None]
+
+
+class Window(Strict):
+    """Replace the raw reading by a rolling aggregate over the last ``seconds`` of device time.
+
+    ``leq`` is the energy average 10·log10(mean(10^(L/10))) of GB 3096 (never an arithmetic mean of
+    decibels); ``p10``/``p90`` are the percentile levels (the level exceeded 90 % / 10 % of the time is
+    L10 / L90 in acoustics: L10 = p90, L90 = p10); ``rise_per_min`` is the least-squares slope per
+    minute (EN 54-5 rate of rise); ``rebound`` is how far the value rose again after falling from a
+    peak (a charge that tapered and climbs back: thermal runaway); ``range`` is max − min (a stuck
+    sensor reads a range near zero). The window holds at most the kind's ``window_samples`` readings.
+    """
+
+    seconds: float = Field(gt=0, le=7 * 86400)
+    aggregate: Aggregate
+    min_samples: int = Field(default=1, ge=1, description="no value until the window holds this many readings")
+    min_span_s: float = Field(default=0.0, ge=0,
+                              description="no value until its readings span this much device time (a slope "
+                                          "fitted over seconds turns sensor noise into a steep rise)")
+
+
+class Flapping(Strict):
+    """Hold an alert whose level changed on more than ``high`` of its last ``history`` readings; release
+    it below ``low``. While held, changes are not sent; the flap itself is (event ``flapping``)."""
+
+    history: int = Field(default=20, ge=4, le=63)
+    high: float = Field(default=0.5, gt=0, le=1)
+    low: float = Field(default=0.25, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Flapping:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+class Message(Strict):
+    """Bilingual alert text. ``{device}``, ``{name}``, ``{value}``, ``{threshold}``, ``{unit}`` and
+    ``{severity}`` are filled in; an unknown placeholder is a config error, not a crash at alert time."""
 
     zh: str
     en: str
@@ -51,56 +138,69 @@ class Message(BaseModel):
         return self
 
 
-class Thresholds(BaseModel):
-    """Create threshold per severity; a reading raises the worst severity whose threshold it crosses."""
+def parse_schedule(spans: list[str]) -> list[tuple[int, int]]:
+    """``["22:00-06:00", "12:00-14:00"]`` → [(start_s, end_s)] in seconds of the local day."""
+    out = []
+    for span in spans:
+        match = re.fullmatch(rf"{_HHMM}-{_HHMM}", span.strip())
+        if not match:
+            raise ValueError(f"schedule window {span!r} is not HH:MM-HH:MM")
+        h1, m1, h2, m2 = (int(g) for g in match.groups())
+        start, end = h1 * 3600 + m1 * 60, h2 * 3600 + m2 * 60
+        if start == end:
+            raise ValueError(f"schedule window {span!r} is empty; leave out `schedule` for all day")
+        out.append((start, end))
+    return out
 
-    model_config = ConfigDict(extra="forbid")
 
-    info: float | None = None
-    warning: float | None = None
-    major: float | None = None
-    critical: float | None = None
-
-    def levels(self) -> list[tuple[Severity, float]]:
-        return [(Severity[name], v) for name in SEVERITY_NAMES if (v := getattr(self, name)) is not None]
-
-
-class Rule(BaseModel):
-    """One field, one comparison, thresholds per severity, and a clear level.
-
-    ``op`` says which side is bad: ``">="`` raises when ``value >= threshold``; ``"<"`` raises when
-    the value falls below (low battery). ``clear`` is the level the value must get back past to
-    clear the alert: for ``>``/``>=`` rules it clears when ``value < clear``, for ``<``/``<=`` rules
-    when ``value > clear``. Without ``clear`` it clears as soon as no create threshold holds.
-    """
-
-    model_config = ConfigDict(extra="forbid")
+class Rule(Strict):
+    """One field (or its window aggregate), one comparison, a create condition per severity, a clear."""
 
     field: str
     op: Comparison = ">="
+    window: Window | None = None
     raise_: Thresholds = Field(alias="raise")
-    clear: float | None = None
+    clear: Condition | None = Field(
+        default=None,
+        description="for >/>= rules the alert clears when value < clear (for </<=: value > clear); "
+                    "without it, as soon as no create threshold is crossed",
+    )
+    schedule: list[str] | None = Field(default=None, description='local-time windows, e.g. ["22:00-06:00"]')
+    escalate_tags: dict[str, int] = Field(default_factory=dict,
+                                          description="device tag → severity levels added (elderly_alone: 1)")
+    flapping: Flapping | None = Field(default_factory=Flapping)
     unit: str = ""
     message: Message | None = None
     description: str = ""
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("an empty schedule would never run; leave it out for all day")
+            parse_schedule(value)
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Rule:
         levels = self.raise_.levels()
         if not levels:
-            raise ValueError("raise: needs a threshold for at least one of info, warning, major, critical")
-        values = [v for _, v in levels]
-        rising = self.op in (">", ">=")
-        # A worse severity must need a worse value, or escalation could never happen.
+            raise ValueError("raise: needs a condition for at least one of info, warning, major, critical")
+        plain = [(s, c.threshold) for s, c in levels if isinstance(c.threshold, float)
+                 and c.for_s == 0 and c.count == 1]
+        rising = self.rising
+        # With plain numbers a worse severity must need a worse value, or it could never be reached.
+        values = [t for _, t in plain]
         if any((b < a) if rising else (b > a) for a, b in zip(values, values[1:])):
             order = "increase" if rising else "decrease"
             raise ValueError(f"raise: thresholds must {order} with severity (info → critical) for op {self.op!r}")
-        if self.clear is not None:
-            mildest = values[0]
-            if (self.clear > mildest) if rising else (self.clear < mildest):
+        if self.clear is not None and isinstance(self.clear.threshold, float):
+            mildest = next((c.threshold for _, c in levels if isinstance(c.threshold, float)), None)
+            if mildest is not None and ((self.clear.threshold > mildest) if rising else (self.clear.threshold < mildest)):
                 side = "at or below" if rising else "at or above"
                 raise ValueError(
-                    f"clear: {self.clear} must lie {side} the mildest raise threshold {mildest}, "
+                    f"clear: {self.clear.threshold} must lie {side} the mildest raise threshold {mildest}, "
                     "or the alert would clear while still raised"
                 )
         return self
@@ -109,12 +209,63 @@ class Rule(BaseModel):
     def rising(self) -> bool:
         return self.op in (">", ">=")
 
+    def params(self) -> set[str]:
+        conditions = [c for _, c in self.raise_.levels()] + ([self.clear] if self.clear else [])
+        return {c.threshold.param for c in conditions if isinstance(c.threshold, ParamRef)}
 
-class KindProfile(BaseModel):
+
+class Param(Strict):
+    """A per-series value taken from the registry.
+
+    * a numeric attribute as it is (``attribute: rated_power_w``, times ``scale``);
+    * a table by attribute value (``attribute: zone_class, values: {"1": 55}``);
+    * a day and a night table (``day:``/``night:`` with ``night_hours``), e.g. GB 3096 zone limits.
+    """
+
+    attribute: str
+    values: dict[str, float] | None = None
+    day: dict[str, float] | None = None
+    night: dict[str, float] | None = None
+    night_hours: str = "22:00-06:00"
+    scale: float = 1.0
+    default: float | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> Param:
+        if (self.day is None) != (self.night is None):
+            raise ValueError("give both day and night tables, or neither")
+        if self.values is not None and self.day is not None:
+            raise ValueError("give either values or day/night tables, not both")
+        parse_schedule([self.night_hours])
+        return self
+
+
+class Offline(Strict):
+    """The staleness alert of a kind: no accepted reading for ``offline_after_s`` (gateway clock)."""
+
+    severity: Literal["info", "warning", "major", "critical"] = "warning"
+    escalate_tags: dict[str, int] = Field(default_factory=dict)
+    message: Message | None = None
+
+
+class KindProfile(Strict):
     """The rule profile of one device kind."""
-
-    model_config = ConfigDict(extra="forbid")
 
     description: str = ""
     offline_after_s: float = Field(default=3600.0, gt=0, description="no reading for this long → offline")
+    offline: Offline = Field(default_factory=Offline)
+    lateness_s: float = Field(default=300.0, ge=0,
+                              description="readings older than the newest one by more than this are rejected")
+    window_samples: int = Field(default=32, ge=2, le=1024, description="readings kept per windowed field")
+    params: dict[str, Param] = Field(default_factory=dict)
     rules: dict[str, Rule] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _params_defined(self) -> KindProfile:
+        for rule_id, rule in self.rules.items():
+            missing = rule.params() - set(self.params)
+            if missing:
+                raise ValueError(f"rule {rule_id} refers to undefined params: {', '.join(sorted(missing))}")
+        if "offline" in self.rules:
+            raise ValueError("the rule id 'offline' is reserved for the staleness alert (configure `offline:`)")
+        return self

@@ -40,11 +40,12 @@ class Event:
 
 
 EVENTS: dict[str, tuple[str, float]] = {
-    # name: (kind, seconds it lasts)
+    # name: (kind, seconds it lasts); long enough for the default rules' debounce to see it
     "kitchen fire": ("smoke", 45.0),
-    "modified charger": ("ev_charger", 60.0),
+    "overloaded port": ("ev_charger", 40.0),  # an electric tricycle on a bicycle port
+    "modified charger": ("ev_charger", 420.0),  # > 450 W for over 5 minutes
     "charger leakage": ("ev_charger", 40.0),
-    "party at the square": ("noise", 60.0),
+    "party at the square": ("noise", 900.0),  # the rolling LAeq needs minutes over the limit
     "meter box overheating": ("meter", 60.0),
 }
 
@@ -59,9 +60,11 @@ class Street:
         self.events: list[Event] = []
         self.next_event_at: float | None = None
         self.battery = {d.id: self.rng.uniform(40, 100) for d in self.devices if d.kind == "smoke"}
+        # room temperature drifts slowly; the sensor adds a tenth of a degree of noise
+        self.room_c = {d.id: self.rng.uniform(18, 26) for d in self.devices if d.kind in ("smoke", "meter")}
         self.sessions = {(d.id, p): self._new_session() for d in self.devices if d.kind == "ev_charger"
                          for p in range(1, (d.ports or 1) + 1)}
-        self.seq = 0
+        self.seq: dict[tuple[str, int], int] = {}  # per series, as a device counts its messages
 
     def _new_session(self) -> float:
         r = self.rng.random()
@@ -99,21 +102,27 @@ class Street:
                 out.append((topics.telemetry(device.site, device.kind, device.id), orjson.dumps(body)))
         return out
 
+    def _room(self, device_id: str) -> float:
+        self.room_c[device_id] = min(30.0, max(14.0, self.room_c[device_id] + self.rng.gauss(0, 0.02)))
+        return self.room_c[device_id] + self.rng.gauss(0, 0.1)
+
     def reading(self, device: Device, port: int, now: float) -> dict[str, Any]:
         rng, event = self.rng, self.active(device, port, now)
-        self.seq += 1
-        body: dict[str, Any] = {"ts": round(now, 3), "seq": self.seq}
+        seq = self.seq[(device.id, port)] = self.seq.get((device.id, port), 0) + 1
+        body: dict[str, Any] = {"ts": round(now, 3), "seq": seq}
         if device.kind == "smoke":
             self.battery[device.id] = max(0.0, self.battery[device.id] - 0.0001)
             fire = event == "kitchen fire"
             body.update(alarm=fire, smoke_obscuration_pct_m=round(rng.uniform(4, 8) if fire else abs(rng.gauss(0.08, 0.04)), 3),
-                        temp_c=round(rng.uniform(45, 52) if fire else rng.gauss(22, 1.2), 1),
+                        temp_c=round(rng.uniform(45, 52) if fire else self._room(device.id), 1),
                         co_ppm=round(rng.uniform(20, 40) if fire else abs(rng.gauss(1, 1)), 1),
                         battery_pct=round(self.battery[device.id], 1), tamper=False, fault=False)
         elif device.kind == "ev_charger":
             power = self.sessions[(device.id, port)]
             if event == "modified charger":
                 power = rng.uniform(560, 640)
+            elif event == "overloaded port":
+                power = rng.uniform(1100, 1250)
             else:
                 power = max(0.0, power + rng.gauss(0, 3)) if power else 0.0
             voltage = rng.gauss(220, 2)
@@ -134,7 +143,7 @@ class Street:
             hot = event == "meter box overheating"
             body.update(current_a=round(abs(rng.gauss(12, 4)), 2), voltage_v=round(rng.gauss(220, 2), 1),
                         leakage_ma=round(rng.uniform(1, 8), 1),
-                        temp_c=round(rng.uniform(72, 78) if hot else rng.gauss(31, 2), 1))
+                        temp_c=round(rng.uniform(72, 78) if hot else self._room(device.id) + 8, 1))
         if any(isinstance(v, float) and not math.isfinite(v) for v in body.values()):
             raise AssertionError(f"simulator produced a non-finite value: {body}")
         return body

@@ -1,42 +1,171 @@
-"""A plain, one-reading-at-a-time reference of threshold rules, for checking the vectorised core."""
+"""A plain, one-reading-at-a-time reference of the rule engine, for checking the vectorised core.
+
+Written for clarity, not speed: dictionaries and loops, one reading after another in device-time
+order per series, with the same contract as ``rules.engine.KindEngine`` (duplicates by seq or by
+repeated newest device time, lateness, debounce by duration and count, hysteresis, schedules, tag
+escalation, window aggregates, flapping).
+"""
 
 from __future__ import annotations
 
 import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
 
-from rules.model import Rule
+from rules.model import Condition, ParamRef, Rule, parse_schedule
+
+UTC_OFFSET_S = 8 * 3600
 
 
-def level_after(rule: Rule, level: int, value: float) -> int:
-    """The alert level after one reading, given the level before it (0 = no alert)."""
-    if math.isnan(value):
-        return level
-    inclusive = rule.op in (">=", "<=")
-    worst = 0
-    for severity, threshold in rule.raise_.levels():
-        if rule.rising:
-            crossed = value >= threshold if inclusive else value > threshold
+def in_schedule(ts: float, windows: list[tuple[int, int]] | None) -> bool:
+    if not windows:
+        return True
+    local = (ts + UTC_OFFSET_S) % 86400
+    return any((a <= local < b) if a < b else (local >= a or local < b) for a, b in windows)
+
+
+def aggregate(name: str, points: list[tuple[float, float]]) -> float:
+    if not points:
+        return math.nan
+    values = [v for _, v in sorted(points)]
+    n = len(values)
+    if name == "leq":
+        return 10 * math.log10(sum(10 ** (v / 10) for v in values) / n)
+    if name == "mean":
+        return sum(values) / n
+    if name == "max":
+        return max(values)
+    if name == "min":
+        return min(values)
+    if name == "range":
+        return max(values) - min(values)
+    if name == "rise_per_min":
+        if n < 2:
+            return math.nan
+        t0 = min(t for t, _ in points)
+        xs = [(t - t0) / 60 for t, _ in sorted(points)]
+        xm, ym = sum(xs) / n, sum(values) / n
+        sxx = sum((x - xm) ** 2 for x in xs)
+        return math.nan if sxx == 0 else sum((x - xm) * (y - ym) for x, y in zip(xs, values)) / sxx
+    raise ValueError(name)
+
+
+@dataclass
+class SeriesState:
+    level: int = 0
+    announced: int = 0
+    runs: list[list[float]] = field(default_factory=list)  # [start, count] per create condition, then clear
+    bits: deque[int] = field(default_factory=deque)
+    flapping: bool = False
+    ring: deque[tuple[float, float]] = field(default_factory=deque)
+    last_ts: float = -math.inf
+    max_seq: int = -1
+    seen_seqs: set[int] = field(default_factory=set)  # accepted seqs, within 64 of max_seq
+
+
+class ReferenceRule:
+    """One rule over several series, stepped one reading at a time."""
+
+    def __init__(self, rule: Rule, n_series: int, params: Callable[[str, int, float], float],
+                 bumps: list[int], lateness_s: float, window_samples: int):
+        self.rule = rule
+        self.params = params
+        self.bumps = bumps
+        self.lateness_s = lateness_s
+        self.windows = parse_schedule(rule.schedule) if rule.schedule else None
+        self.series = [SeriesState(runs=[[math.nan, 0] for _ in range(len(rule.raise_.levels()) + 1)],
+                                   ring=deque(maxlen=window_samples)) for _ in range(n_series)]
+
+    def threshold(self, condition: Condition, row: int, ts: float) -> float:
+        t = condition.threshold
+        if isinstance(t, ParamRef):
+            return self.params(t.param, row, ts) * t.scale + t.offset
+        return t
+
+    def compare(self, value: float, threshold: float, op: str) -> bool:
+        if math.isnan(value) or math.isnan(threshold):
+            return False
+        return {">": value > threshold, ">=": value >= threshold, "<": value < threshold,
+                "<=": value <= threshold}[op]
+
+    @staticmethod
+    def run(state: list[float], holds: bool, ts: float, for_s: float, count: int) -> bool:
+        if holds:
+            if math.isnan(state[0]):
+                state[0] = ts
+            state[1] += 1
+            return ts - state[0] >= for_s and state[1] >= count
+        state[0], state[1] = math.nan, 0
+        return False
+
+    def feed(self, batch: list[tuple[int, float, float, int]]) -> list[tuple[int, str, int, float]]:
+        """Readings (series, ts, value, seq) of one batch → events (series, event, level, ts)."""
+        out: list[tuple[int, str, int, float]] = []
+        indexed = sorted(enumerate(batch), key=lambda item: (item[1][0], item[1][1], item[0]))
+        for _, (row, ts, value, seq) in indexed:
+            s = self.series[row]
+            replay = seq >= 0 and (seq in s.seen_seqs or s.max_seq - seq >= 64)
+            if ts == s.last_ts or (ts <= s.last_ts and replay):
+                continue  # duplicate
+            if ts < s.last_ts - self.lateness_s:
+                continue  # too late
+            if seq >= 0:
+                if ts > s.last_ts and seq <= s.max_seq:  # counter reset: start the window again
+                    s.max_seq, s.seen_seqs = seq, {seq}
+                else:
+                    s.max_seq = max(s.max_seq, seq)
+                    s.seen_seqs = {q for q in s.seen_seqs | {seq} if s.max_seq - q < 64}
+            s.last_ts = max(s.last_ts, ts)
+            out += self.step(row, ts, value)
+        return out
+
+    def step(self, row: int, ts: float, raw: float) -> list[tuple[int, str, int, float]]:
+        rule, s = self.rule, self.series[row]
+        if math.isnan(raw):
+            return []
+        if rule.window is not None:
+            s.ring.append((ts, raw))
+            inside = [(t, v) for t, v in s.ring if ts - rule.window.seconds < t <= ts]
+            spanned = (max(t for t, _ in inside) - min(t for t, _ in inside)) if inside else 0.0
+            enough = len(inside) >= rule.window.min_samples and spanned >= rule.window.min_span_s
+            value = aggregate(rule.window.aggregate, inside) if enough else math.nan
         else:
-            crossed = value <= threshold if inclusive else value < threshold
-        if crossed:
-            worst = max(worst, int(severity))
-    if worst:
-        return worst
-    if rule.clear is not None:
-        cleared = value < rule.clear if rule.rising else value > rule.clear
-    else:
-        # no band: clears as soon as the create condition no longer holds
-        cleared = True
-    return 0 if cleared else level
-
-
-def run(rule: Rule, readings: list[tuple[int, float, float]], n_series: int) -> list[tuple[int, int, int, float]]:
-    """Transitions (series, before, after, ts) for readings (series, ts, value) taken in device-time order."""
-    levels = [0] * n_series
-    out = []
-    for series, ts, value in sorted(readings, key=lambda r: (r[0], r[1])):
-        after = level_after(rule, levels[series], value)
-        if after != levels[series]:
-            out.append((series, levels[series], after, ts))
-        levels[series] = after
-    return out
+            value = raw
+        active = in_schedule(ts, self.windows)
+        if math.isnan(value) and active:
+            return []
+        worst = 0
+        levels = rule.raise_.levels()
+        for j, (severity, condition) in enumerate(levels):
+            holds = active and self.compare(value, self.threshold(condition, row, ts), rule.op)
+            if self.run(s.runs[j], holds, ts, condition.for_s, condition.count):
+                worst = max(worst, int(severity))
+        if rule.clear is not None:
+            back = self.compare(value, self.threshold(rule.clear, row, ts), {">": "<", ">=": "<", "<": ">", "<=": ">"}[rule.op])
+            cleared = self.run(s.runs[-1], back or not active, ts, rule.clear.for_s, rule.clear.count) or not active
+        else:
+            mildest = self.threshold(levels[0][1], row, ts)
+            back = not math.isnan(value) and not self.compare(value, mildest, rule.op)
+            cleared = self.run(s.runs[-1], back or not active, ts, 0.0, 1) or not active
+        if worst:
+            worst = min(4, worst + self.bumps[row])
+        before = s.level
+        s.level = worst if worst else (0 if cleared else s.level)
+        events = []
+        started = False
+        if rule.flapping is not None:
+            s.bits.append(int(s.level != before))
+            while len(s.bits) > rule.flapping.history:
+                s.bits.popleft()
+            share = sum(s.bits) / rule.flapping.history
+            if not s.flapping and share >= rule.flapping.high:
+                s.flapping = started = True
+                events.append((row, "flapping", max(s.announced, s.level) or 1, ts))
+            elif s.flapping and share <= rule.flapping.low:
+                s.flapping = False
+        if not s.flapping and not started and s.level != s.announced:
+            event = "raised" if s.announced == 0 else ("cleared" if s.level == 0 else "updated")
+            events.append((row, event, s.level or s.announced, ts))
+            s.announced = s.level
+        return events

@@ -109,7 +109,7 @@ def test_batch_keeps_its_good_readings_and_dead_letters_only_the_bad_one(config,
     device.publish(topic, {"readings": [
         {"ts": now, "port": 1, "power_w": 150.0},
         {"ts": now + 1, "port": 2, "power_w": "lots"},
-        {"ts": now + 2, "port": 3, "power_w": 1200.0},
+        {"ts": now + 2, "port": 3, "power_w": 150.0, "leakage_ma": 120.0},
     ]})
     received = screen.collect(1.5)
     letters = [body for t, body, _ in received if "/deadletter/" in t]
@@ -118,7 +118,7 @@ def test_batch_keeps_its_good_readings_and_dead_letters_only_the_bad_one(config,
     assert letters[0]["problems"] == [{"index": 1, "reason": "wrong_type",
                                        "detail": "power_w: Input should be a valid number (got 'lots')"}]
     assert (letters[0]["accepted"], letters[0]["rejected"]) == (2, 1)
-    assert [(a["port"], a["rule"], a["severity"]) for a in alerts] == [(3, "power_overload", "critical")]
+    assert [(a["port"], a["rule"], a["severity"]) for a in alerts] == [(3, "leakage_current", "critical")]
 
 
 def test_gateway_restarted_on_its_persistent_session_gets_what_was_published_while_it_was_down(
