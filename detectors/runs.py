@@ -2,7 +2,8 @@
 
 One step takes at most one reading per series (the caller feeds a batch round by round, so several
 readings of one series are stepped in device-time order). A reading that does not carry the field
-(``informative`` False) neither extends nor breaks a run.
+(``informative`` False) neither extends nor breaks a run. A run is timed from its earliest reading,
+so a late reading that holds extends it backwards rather than giving it a negative age.
 
 >>> import numpy as np
 >>> start, count = np.full(1, np.nan), np.zeros(1, dtype=np.int32)
@@ -32,10 +33,12 @@ def step(condition: np.ndarray, informative: np.ndarray, ts: np.ndarray, run_sta
             the run), updated in place at ``rows``.
         for_s, count: the run must have lasted this long and this many readings.
     """
-    start = run_start[rows]
     held = condition & informative
+    if for_s <= 0 and count <= 1:
+        return held  # no debounce: nothing to remember
+    start = run_start[rows]
     broken = informative & ~condition
-    start = np.where(held & np.isnan(start), ts, start)
+    start = np.where(held, np.fmin(start, ts), start)  # timed from the run's earliest reading
     start = np.where(broken, np.nan, start)
     n = run_count[rows]
     n = np.where(held, n + 1, np.where(broken, 0, n))

@@ -28,10 +28,13 @@ import numpy as np
 
 from detectors import flapping as flap
 from detectors import runs, schedule
+from detectors.cusum import Cusum
+from detectors.ewma import Ewma
+from detectors.rebound import Rebound
 from detectors.compare import CLEAR_OP, compare
-from detectors.window import Ring, aggregate, samples, span
+from detectors.window import Ring, aggregate
 from rules.events import EVENT_ZH, SEVERITY_ZH, AlertEvent, alert_id, severity_name
-from rules.model import Condition, KindProfile, Param, ParamRef, Rule, Severity, parse_schedule
+from rules.model import Condition, KindProfile, Param, ParamRef, Rule, Severity, Transform, parse_schedule
 
 LOCAL_TZ = ZoneInfo("Asia/Shanghai")
 UTC_OFFSET_S = 8 * 3600  # Asia/Shanghai: UTC+8, no daylight saving since 1991
@@ -123,7 +126,7 @@ class CompiledCondition:
 
     def thresholds(self, rows: np.ndarray, ts: np.ndarray) -> np.ndarray:
         if self.param is None:
-            return np.full(rows.shape[0], self.constant)
+            return np.broadcast_to(np.float64(self.constant), rows.shape)  # a view: no allocation
         ref = self.condition.threshold
         assert isinstance(ref, ParamRef)
         return self.param.resolve(rows, ts) * ref.scale + ref.offset
@@ -141,12 +144,28 @@ class CompiledRule:
         # Without a clear condition the alert clears once the mildest create comparison no longer holds.
         self.clear = CompiledCondition.compile(rule.clear, params) if rule.clear else None
         self.windows = parse_schedule(rule.schedule) if rule.schedule else None
-        self.bump = np.zeros(len(series), dtype=np.int8)
-        self._tag_bumps(series)
+        self.bump = tag_bumps(rule.escalate_tags, series)
 
-    def _tag_bumps(self, series: SeriesInfo) -> None:
+
+def tag_bumps(escalate: dict[str, int], series: SeriesInfo) -> np.ndarray:
+    """Severity levels added per series for its tags (computed once per distinct tag set)."""
+    bump = np.zeros(len(series), dtype=np.int8)
+    if escalate:
+        cache: dict[tuple[str, ...], int] = {}
         for row, tags in enumerate(series.tags):
-            self.bump[row] = sum(self.rule.escalate_tags.get(t, 0) for t in tags)
+            key = tuple(tags)
+            if key not in cache:
+                cache[key] = sum(escalate.get(t, 0) for t in tags)
+            bump[row] = cache[key]
+    return bump
+
+
+def make_transform(spec: Transform, n_series: int) -> Rebound | Ewma | Cusum:
+    if spec.kind == "rebound":
+        return Rebound(n_series)
+    if spec.kind == "ewma_z":
+        return Ewma(n_series, spec.alpha, spec.warmup)
+    return Cusum(n_series, spec.alpha, spec.k, spec.warmup)
 
 
 class RuleState:
@@ -187,6 +206,8 @@ class KindEngine:
         self.offline = np.zeros(n, dtype=bool)
         self.offline_since = np.zeros(n)  # device time the offline episode began (its alert id)
         self.state = [RuleState(n, len(r.levels)) for r in self.rules]
+        self.transforms = {i: make_transform(r.rule.transform, n) for i, r in enumerate(self.rules)
+                           if r.rule.transform is not None}
         window_fields = sorted({r.column for r in self.rules if r.rule.window is not None})
         self.rings = {col: Ring(n, profile.window_samples) for col in window_fields}
 
@@ -194,8 +215,7 @@ class KindEngine:
         self.params = {name: ParamTable(name, p, self.series) for name, p in self.profile.params.items()}
         self.rules = [CompiledRule(rid, r, self.fields, self.params, self.series)
                       for rid, r in self.profile.rules.items()]
-        self.offline_bump = np.array([sum(self.profile.offline.escalate_tags.get(t, 0) for t in tags)
-                                      for tags in self.series.tags], dtype=np.int8)
+        self.offline_bump = tag_bumps(self.profile.offline.escalate_tags, self.series)
 
     @property
     def n_series(self) -> int:
@@ -224,6 +244,8 @@ class KindEngine:
                 setattr(st, name, pad(a, fill, axis=a.ndim - 1))
         for ring in self.rings.values():
             ring.grow(len(self.series))
+        for transform in self.transforms.values():
+            transform.grow(len(self.series))
         self._compile()
 
     # -- readings ------------------------------------------------------------------------------
@@ -300,11 +322,12 @@ class KindEngine:
             self.offline[back] = False
         for col, ring in self.rings.items():
             ring.push(rows, ts, values[:, col])
-        for rule, state in zip(self.rules, self.state):
-            self._step_rule(rule, state, rows, ts, values, gateway_time, events)
+        for i, (rule, state) in enumerate(zip(self.rules, self.state)):
+            self._step_rule(rule, state, self.transforms.get(i), rows, ts, values, gateway_time, events)
 
-    def _step_rule(self, rule: CompiledRule, state: RuleState, rows: np.ndarray, ts: np.ndarray,
-                   values: np.ndarray, gateway_time: float, events: list[AlertEvent]) -> None:
+    def _step_rule(self, rule: CompiledRule, state: RuleState, transform: Rebound | Ewma | Cusum | None,
+                   rows: np.ndarray, ts: np.ndarray, values: np.ndarray, gateway_time: float,
+                   events: list[AlertEvent]) -> None:
         spec = rule.rule
         raw = values[:, rule.column]
         carries = ~np.isnan(raw)
@@ -313,12 +336,13 @@ class KindEngine:
         # Only readings that carry the field step this rule.
         rows, ts, raw = rows[carries], ts[carries], raw[carries]
         if spec.window is not None:
-            w_ts, w_values = self.rings[rule.column].window(rows, ts, spec.window.seconds)
-            value = aggregate(spec.window.aggregate, w_ts, w_values)
-            enough = samples(w_values) >= spec.window.min_samples
-            if spec.window.min_span_s > 0:
-                enough &= span(w_ts) >= spec.window.min_span_s
-            value = np.where(enough, value, np.nan)
+            usable, frame = self.rings[rule.column].window(rows, ts, spec.window.seconds, raw,
+                                                           spec.window.min_samples, spec.window.min_span_s)
+            value = np.full(rows.shape[0], np.nan)
+            if frame.n.shape[0]:
+                value[usable] = aggregate(spec.window.aggregate, frame)
+        elif transform is not None:
+            value = transform.step(rows, raw)
         else:
             value = raw
         in_schedule = schedule.active(ts, rule.windows, UTC_OFFSET_S) if rule.windows else np.ones(rows.shape[0], bool)
@@ -488,6 +512,9 @@ class KindEngine:
             field_name = self.fields[col]
             out[f"ring.{field_name}.ts"], out[f"ring.{field_name}.values"] = ring.ts, ring.values
             out[f"ring.{field_name}.pos"] = ring.pos
+        for i, transform in self.transforms.items():
+            for name, a in transform.state().items():
+                out[f"rule.{self.rules[i].rule_id}.transform.{name}"] = a
         return out
 
     def restore(self, saved: dict[str, np.ndarray], now: float) -> int:
@@ -519,6 +546,11 @@ class KindEngine:
                 continue
             for name, a in arrays.items():
                 getattr(st, name)[..., dst] = a[..., src]
+        for i, transform in self.transforms.items():
+            prefix = f"rule.{self.rules[i].rule_id}.transform."
+            for name, a in transform.state().items():
+                if prefix + name in saved:
+                    a[dst] = saved[prefix + name][src]
         for col, ring in self.rings.items():
             prefix = f"ring.{self.fields[col]}."
             if prefix + "ts" in saved and saved[prefix + "ts"].shape[1] == ring.samples:

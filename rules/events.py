@@ -74,5 +74,8 @@ def alert_id(device_id: str, port: int, rule: str, raised_ts: float) -> str:
     return f"{series}/{rule}/{int(round(raised_ts * 1000))}"
 
 
+_NAMES = tuple(Severity(level).name for level in range(len(Severity)))
+
+
 def severity_name(level: int) -> str:
-    return Severity(level).name
+    return _NAMES[level]

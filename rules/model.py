@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 SEVERITY_NAMES = ("info", "warning", "major", "critical")
 Comparison = Literal[">", ">=", "<", "<="]
-Aggregate = Literal["leq", "mean", "max", "min", "p10", "p50", "p90", "range", "rise_per_min", "rebound"]
+Aggregate = Literal["leq", "mean", "max", "min", "p10", "p50", "p90", "range", "rise_per_min", "robust_z"]
 
 _HHMM = r"([01]\d|2[0-3]):([0-5]\d)"
 
@@ -89,9 +89,10 @@ class Window(Strict):
     ``leq`` is the energy average 10·log10(mean(10^(L/10))) of GB 3096 (never an arithmetic mean of
     decibels); ``p10``/``p90`` are the percentile levels (the level exceeded 90 % / 10 % of the time is
     L10 / L90 in acoustics: L10 = p90, L90 = p10); ``rise_per_min`` is the least-squares slope per
-    minute (EN 54-5 rate of rise); ``rebound`` is how far the value rose again after falling from a
-    peak (a charge that tapered and climbs back: thermal runaway); ``range`` is max − min (a stuck
-    sensor reads a range near zero). The window holds at most the kind's ``window_samples`` readings.
+    minute (EN 54-5 rate of rise); ``range`` is max − min (a stuck sensor reads a range near zero);
+    ``robust_z`` is the reading's distance from the window's median in MADs (×1.4826, so ~σ), an
+    outlier score that one wild reading in the history does not distort. The window holds at most
+    the kind's ``window_samples`` readings.
     """
 
     seconds: float = Field(gt=0, le=7 * 86400)
@@ -100,6 +101,21 @@ class Window(Strict):
     min_span_s: float = Field(default=0.0, ge=0,
                               description="no value until its readings span this much device time (a slope "
                                           "fitted over seconds turns sensor noise into a steep rise)")
+
+
+class Transform(Strict):
+    """Replace the raw reading by a stateful per-series transform of it, stepped once per reading.
+
+    ``rebound``: how far the value climbed back after falling from its session peak (a charge that
+    tapered and draws more again: thermal runaway); a reading ≤ 0 ends the session. ``ewma_z``: the
+    reading's z-score against the series' own exponentially weighted mean and variance. ``cusum``:
+    the two-sided CUSUM of that z-score, for slow drift (a smoke chamber getting dirty).
+    """
+
+    kind: Literal["rebound", "ewma_z", "cusum"]
+    alpha: float = Field(default=0.05, gt=0, le=1, description="EWMA weight of a new reading")
+    k: float = Field(default=0.5, ge=0, description="CUSUM slack, in standard deviations")
+    warmup: int = Field(default=20, ge=1, description="readings before a score is given")
 
 
 class Flapping(Strict):
@@ -159,6 +175,7 @@ class Rule(Strict):
     field: str
     op: Comparison = ">="
     window: Window | None = None
+    transform: Transform | None = None
     raise_: Thresholds = Field(alias="raise")
     clear: Condition | None = Field(
         default=None,
@@ -184,6 +201,8 @@ class Rule(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Rule:
+        if self.window is not None and self.transform is not None:
+            raise ValueError("a rule takes either a window or a transform of its field, not both")
         levels = self.raise_.levels()
         if not levels:
             raise ValueError("raise: needs a condition for at least one of info, warning, major, critical")

@@ -25,7 +25,50 @@ def in_schedule(ts: float, windows: list[tuple[int, int]] | None) -> bool:
     return any((a <= local < b) if a < b else (local >= a or local < b) for a, b in windows)
 
 
-def aggregate(name: str, points: list[tuple[float, float]]) -> float:
+def median(values: list[float]) -> float:
+    ordered, n = sorted(values), len(values)
+    return (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+
+
+class Transform:
+    """Plain versions of the stateful transforms (rebound, EWMA z-score, CUSUM) for one series."""
+
+    def __init__(self, kind: str, alpha: float, k: float, warmup: int):
+        self.kind, self.alpha, self.k, self.warmup = kind, alpha, k, warmup
+        self.peak = self.trough = None
+        self.fall = 0.0
+        self.mean = self.var = 0.0
+        self.count = 0
+        self.high = self.low = 0.0
+
+    def step(self, v: float) -> float:
+        if self.kind == "rebound":
+            if v <= 0:
+                self.peak = self.trough = None
+                self.fall = 0.0
+                return 0.0
+            if self.peak is None:
+                self.peak = self.trough = v
+                self.fall = 0.0
+                return 0.0
+            if v < self.trough:
+                self.trough, self.fall = v, self.peak - v
+            self.peak = max(self.peak, v)
+            return max(0.0, min(self.fall, v - self.trough))
+        z = (v - self.mean) / math.sqrt(max(self.var, 1e-6)) if self.count >= self.warmup else math.nan
+        weight = max(self.alpha, 1 / (self.count + 1))
+        diff = v - self.mean
+        self.mean += weight * diff
+        self.var = (1 - weight) * (self.var + diff * weight * diff)
+        self.count += 1
+        if self.kind == "ewma_z" or math.isnan(z):
+            return z if self.kind == "ewma_z" else math.nan
+        self.high = max(0.0, self.high + z - self.k)
+        self.low = max(0.0, self.low - z - self.k)
+        return max(self.high, self.low)
+
+
+def aggregate(name: str, points: list[tuple[float, float]], latest: float = math.nan) -> float:
     if not points:
         return math.nan
     values = [v for _, v in sorted(points)]
@@ -48,6 +91,15 @@ def aggregate(name: str, points: list[tuple[float, float]]) -> float:
         xm, ym = sum(xs) / n, sum(values) / n
         sxx = sum((x - xm) ** 2 for x in xs)
         return math.nan if sxx == 0 else sum((x - xm) * (y - ym) for x, y in zip(xs, values)) / sxx
+    if name in ("p10", "p50", "p90"):
+        q = {"p10": 0.10, "p50": 0.50, "p90": 0.90}[name] * (n - 1)
+        ordered = sorted(values)
+        low = math.floor(q)
+        return ordered[low] + (ordered[min(low + 1, n - 1)] - ordered[low]) * (q - low)
+    if name == "robust_z":
+        m = median(values)
+        mad = 1.4826 * median([abs(v - m) for v in values])
+        return (latest - m) / max(mad, 1e-6)
     raise ValueError(name)
 
 
@@ -59,6 +111,7 @@ class SeriesState:
     bits: deque[int] = field(default_factory=deque)
     flapping: bool = False
     ring: deque[tuple[float, float]] = field(default_factory=deque)
+    transform: Transform | None = None
     last_ts: float = -math.inf
     max_seq: int = -1
     seen_seqs: set[int] = field(default_factory=set)  # accepted seqs, within 64 of max_seq
@@ -74,8 +127,11 @@ class ReferenceRule:
         self.bumps = bumps
         self.lateness_s = lateness_s
         self.windows = parse_schedule(rule.schedule) if rule.schedule else None
+        t = rule.transform
         self.series = [SeriesState(runs=[[math.nan, 0] for _ in range(len(rule.raise_.levels()) + 1)],
-                                   ring=deque(maxlen=window_samples)) for _ in range(n_series)]
+                                   ring=deque(maxlen=window_samples),
+                                   transform=Transform(t.kind, t.alpha, t.k, t.warmup) if t else None)
+                       for _ in range(n_series)]
 
     def threshold(self, condition: Condition, row: int, ts: float) -> float:
         t = condition.threshold
@@ -92,8 +148,7 @@ class ReferenceRule:
     @staticmethod
     def run(state: list[float], holds: bool, ts: float, for_s: float, count: int) -> bool:
         if holds:
-            if math.isnan(state[0]):
-                state[0] = ts
+            state[0] = ts if math.isnan(state[0]) else min(state[0], ts)
             state[1] += 1
             return ts - state[0] >= for_s and state[1] >= count
         state[0], state[1] = math.nan, 0
@@ -129,7 +184,9 @@ class ReferenceRule:
             inside = [(t, v) for t, v in s.ring if ts - rule.window.seconds < t <= ts]
             spanned = (max(t for t, _ in inside) - min(t for t, _ in inside)) if inside else 0.0
             enough = len(inside) >= rule.window.min_samples and spanned >= rule.window.min_span_s
-            value = aggregate(rule.window.aggregate, inside) if enough else math.nan
+            value = aggregate(rule.window.aggregate, inside, raw) if enough else math.nan
+        elif s.transform is not None:
+            value = s.transform.step(raw)
         else:
             value = raw
         active = in_schedule(ts, self.windows)
