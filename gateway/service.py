@@ -17,6 +17,7 @@ from gateway.broker import EmbeddedBroker, reachable
 from gateway.config import BrokerAddress, Config, parse_broker_url
 from gateway.metrics import Stats
 from gateway.mqtt import Publisher, Receiver
+from gateway.decode import DeadLetter
 from gateway.pipeline import Outcome, Pipeline
 from gateway.registry import Registry
 
@@ -161,19 +162,39 @@ class Gateway:
             if not batch:
                 return
             now = time.time()
-            try:
-                outcome = self.pipeline.process([(m.topic, m.payload) for m in batch], now)
-            except Exception:
-                # A bug in detection must not stop every other device: count it, log it, move on.
-                self.stats.pipeline_errors += 1
-                log.exception("pipeline failed on a batch of %d messages; they are acknowledged and skipped",
-                              len(batch))
-                outcome = Outcome()
+            outcome = self._process_batch([(m.topic, m.payload) for m in batch], now)
             await self._publish(outcome, publisher, now)
             receiver.ack(batch)
             self.stats.publish_failures = publisher.failures
             if not everything:
                 return
+
+    def _process_batch(self, messages: list[tuple[str, bytes]], now: float) -> Outcome:
+        """The pipeline over a batch; if it fails, message by message, so that a reading that trips a
+        bug costs only itself (dead-lettered as internal_error), never the other devices' readings."""
+        try:
+            return self.pipeline.process(messages, now)
+        except Exception:
+            self.stats.pipeline_errors += 1
+            log.exception("pipeline failed on a batch; retrying its %d messages one by one", len(messages))
+        outcome = Outcome()
+        for topic, payload in messages:
+            try:
+                one = self.pipeline.process([(topic, payload)], now)
+            except Exception as exc:
+                self.stats.pipeline_errors += 1
+                self.stats.rejected[("_", "internal_error")] += 1
+                letter = DeadLetter(topic, topics.UNKNOWN, topics.UNKNOWN, topics.UNKNOWN, payload)
+                parsed = topics.parse_device_topic(topic)
+                if parsed is not None:
+                    letter.site, letter.kind, letter.device_id = parsed.site, parsed.kind, parsed.device_id
+                letter.add(None, "internal_error", f"{type(exc).__name__}: {exc} (a gateway bug: please report)")
+                outcome.deadletters.append(letter)
+                continue
+            outcome.alerts += one.alerts
+            outcome.deadletters += one.deadletters
+            outcome.statuses += one.statuses
+        return outcome
 
     async def _publish(self, outcome: Outcome, publisher: Publisher, now: float) -> None:
         out: list[tuple[str, bytes]] = []

@@ -135,3 +135,25 @@ def test_gateway_restarted_on_its_persistent_session_gets_what_was_published_whi
     run_gateway(config)
     received = screen.collect(2.0)
     assert sorted(body["device_id"] for _, body, _ in received) == [f"smk-fengqi-{n:03d}" for n in range(1, 6)]
+
+
+def test_a_reading_that_trips_a_bug_in_detection_costs_only_itself(config, run_gateway, mqtt):
+    gateway = run_gateway(config)
+    engine = gateway.gateway.pipeline.engines["meter"]
+    healthy = engine.evaluate
+
+    def evaluate(batch, gateway_time):  # a bug that only this device's readings reach
+        if (batch.values[:, engine.fields.index("temp_c")] == 66.6).any():
+            raise ZeroDivisionError("simulated bug")
+        return healthy(batch, gateway_time)
+
+    engine.evaluate = evaluate
+    screen = mqtt([topics.DEADLETTER_FILTER, topics.ALERTS_FILTER])
+    device = mqtt()
+    now = time.time()
+    device.publish(topics.telemetry("wangma", "meter", "mtr-wangma-002"), {"ts": now, "temp_c": 66.6})
+    device.publish(topics.telemetry("wangma", "meter", "mtr-wangma-003"), {"ts": now, "temp_c": 75.0})
+    received = screen.collect(1.5)
+    assert [(a["device_id"], a["rule"]) for t, a, _ in received if "/alerts/" in t] == [("mtr-wangma-003", "meter_overheat")]
+    letters = [a for t, a, _ in received if "/deadletter/" in t]
+    assert [(l["device_id"], l["reason"]) for l in letters] == [("mtr-wangma-002", "internal_error")]
