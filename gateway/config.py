@@ -139,8 +139,36 @@ class StageTargets(Section):
     resolve_s: float = Field(gt=0)
 
 
+class InhibitRule(Section):
+    """An open incident of a source rule holds back new alerts of the target rules (Alertmanager's
+    inhibit_rules): they are recorded as inhibited, and open no incident of their own."""
+
+    source_rules: list[str] = Field(min_length=1)
+    target_rules: list[str] = Field(min_length=1)
+    equal: list[Literal["device_id", "site"]] = Field(default_factory=lambda: ["device_id"])
+    source_group_only: bool = Field(default=False,
+                                    description="only a storm (a group incident) inhibits, e.g. a site's link down")
+    description: str = ""
+
+
+class GroupingConfig(Section):
+    """Storms: when ``min_devices`` devices of one site raise the same rule within ``window_s``, one
+    group incident holds them all (Alertmanager's group_by site and rule)."""
+
+    window_s: float = Field(default=60.0, gt=0)
+    min_devices: int = Field(default=5, ge=2)
+    exclude_rules: list[str] = Field(default_factory=lambda: ["smoke_alarm"],
+                                     description="rules whose every alert stays its own incident")
+
+
 class IncidentsConfig(Section):
     url: str = Field(default="sqlite:///var/incidents.db", pattern=r"^(sqlite:///.+|postgres(ql)?://.+)$")
+    grouping: GroupingConfig = Field(default_factory=GroupingConfig)
+    inhibit: list[InhibitRule] = Field(default_factory=list)
+    fire_kinds: list[str] = Field(default_factory=lambda: ["smoke", "ev_charger"],
+                                  description="incidents of these kinds also name the nearest micro fire station")
+    escalation_team: str | None = Field(default="command", description="notified when an SLA is breached")
+    sla_check_interval_s: float = Field(default=5.0, gt=0)
 
 
 class InfluxConfig(Section):
@@ -344,6 +372,9 @@ def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> C
         config.devices = [*config.devices, *devices]
     if not config.state_dir.is_absolute():
         config.state_dir = base / config.state_dir
+    sqlite_path = config.incidents.url.removeprefix("sqlite:///")
+    if sqlite_path != config.incidents.url and not Path(sqlite_path).is_absolute():
+        config.incidents.url = f"sqlite:///{(base / sqlite_path).resolve()}"
 
     def where(loc: tuple[Any, ...]) -> str:
         if loc[:1] == ("devices",) and len(loc) > 1 and loc[1] >= inline_count:
@@ -444,6 +475,13 @@ def cross_check(config: Config, where: Any) -> list[ConfigIssue]:
             if rule.field not in fields_of(kind):
                 problem(("kinds", kind, "rules", rule_id, "field"),
                         f"{kind} readings have no field {rule.field!r}; fields: {', '.join(fields_of(kind))}")
+    rule_ids = {rule_id for profile in config.kinds.values() for rule_id in profile.rules} | {"offline"}
+    for i, inhibit in enumerate(config.incidents.inhibit):
+        for side in ("source_rules", "target_rules"):
+            for rule_id in set(getattr(inhibit, side)) - rule_ids:
+                problem(("incidents", "inhibit", i, side), f"no rule {rule_id!r} is configured under kinds")
+    if config.incidents.escalation_team is not None and config.incidents.escalation_team not in team_ids:
+        problem(("incidents", "escalation_team"), f"team {config.incidents.escalation_team!r} is not defined under teams")
     for kind, severities in config.sla.items():
         if kind not in KINDS:
             problem(("sla", kind), f"unknown device kind; expected one of {', '.join(KINDS)}")

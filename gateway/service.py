@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from gateway.config import BrokerAddress, Config, parse_broker_url
 from gateway.metrics import Stats
 from gateway.mqtt import Publisher, Receiver
 from gateway.decode import DeadLetter
+from gateway.incidents.queue import IncidentChange, IncidentQueue
+from gateway.incidents.store import Database
 from gateway.pipeline import Outcome, Pipeline
 from gateway.registry import Registry
 
@@ -58,6 +62,13 @@ class Gateway:
         self.started = asyncio.Event()
         self.alert_listeners: list[asyncio.Queue[dict]] = []  # operator surfaces that follow alerts live
         self.restore_state()
+        # The store is used from one thread of its own: its writes never block the event loop.
+        self.db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="incident-store")
+        self.incidents = IncidentQueue(self.config, Database(self.config.incidents.url))
+        self.published_seq = self.incidents.last_audit_seq()
+
+    async def in_store(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.db_thread, lambda: fn(*args, **kwargs))
 
     @property
     def snapshot_path(self) -> Path:
@@ -136,7 +147,11 @@ class Gateway:
                     # gone): give it a while, then leave it unacknowledged for redelivery.
                     await asyncio.wait({work}, timeout=SHUTDOWN_FLUSH_S)
                     work.cancel()
-                await asyncio.gather(work, return_exceptions=True)
+                for result in await asyncio.gather(work, return_exceptions=True):
+                    if isinstance(result, Exception):
+                        # its batch stays unacknowledged: the broker delivers it again
+                        self.stats.pipeline_errors += 1
+                        log.error("processing a batch failed; it will be delivered again", exc_info=result)
         finally:
             # Take nothing new (the broker redelivers it to our session later), finish and
             # acknowledge what is buffered, then leave.
@@ -153,6 +168,8 @@ class Gateway:
             stopping.cancel()
             await publisher.stop()
             self.write_snapshot()
+            await self.in_store(self.incidents.db.close)
+            self.db_thread.shutdown()
             self._log_counters("gateway stopped")
 
     async def _process(self, receiver: Receiver, publisher: Publisher, everything: bool = False) -> None:
@@ -163,7 +180,11 @@ class Gateway:
                 return
             now = time.time()
             outcome = self._process_batch([(m.topic, m.payload) for m in batch], now)
+            if outcome.alerts:
+                # in the store before the readings are acknowledged: a crash loses no incident
+                await self.in_store(self.incidents.absorb, outcome.alerts, now)
             await self._publish(outcome, publisher, now)
+            await self._publish_incident_changes(publisher)
             receiver.ack(batch)
             self.stats.publish_failures = publisher.failures
             if not everything:
@@ -221,23 +242,49 @@ class Gateway:
             await publisher.publish_many(out)
 
     async def _housekeeping(self, stop: asyncio.Event, publisher: Publisher) -> None:
-        """Staleness on the gateway clock, and periodic snapshots of the detector state."""
-        detection = self.config.detection
+        """On the gateway clock: staleness, SLA clocks, incident changes made elsewhere, snapshots."""
+        detection, incidents = self.config.detection, self.config.incidents
         loop = asyncio.get_running_loop()
+        tick = min(detection.offline_check_interval_s, incidents.sla_check_interval_s, 1.0)
+        next_offline = loop.time() + detection.offline_check_interval_s
+        next_sla = loop.time()
         next_snapshot = loop.time() + detection.snapshot_interval_s
         while not stop.is_set():
-            await asyncio.sleep(detection.offline_check_interval_s)
-            now = time.time()
-            events = self.pipeline.check_offline(now)
-            if events:
-                await self._publish(Outcome(alerts=events), publisher, now)
-            if loop.time() >= next_snapshot:
-                next_snapshot = loop.time() + detection.snapshot_interval_s
+            await asyncio.sleep(tick)
+            t, now = loop.time(), time.time()
+            if t >= next_offline:
+                next_offline = t + detection.offline_check_interval_s
+                events = self.pipeline.check_offline(now)
+                if events:
+                    await self.in_store(self.incidents.absorb, events, now)
+                    await self._publish(Outcome(alerts=events), publisher, now)
+            if t >= next_sla:
+                next_sla = t + incidents.sla_check_interval_s
+                await self.in_store(self.incidents.sla_tick, now)
+            await self._publish_incident_changes(publisher)  # ours, and the command line's, the API's…
+            if t >= next_snapshot:
+                next_snapshot = t + detection.snapshot_interval_s
                 arrays = {k: v.copy() for k, v in self.pipeline.snapshot().items()}
                 try:
                     await asyncio.to_thread(self.write_snapshot, arrays)
                 except OSError as exc:
                     log.error("could not write the detector snapshot", extra={"error": str(exc)})
+
+    async def _publish_incident_changes(self, publisher: Publisher) -> None:
+        """Every audit line not yet published, as the incident's current state, retained on
+        ``streetbrain/{site}/incidents/{id}`` so a screen that subscribes sees it at once."""
+        seq, changes = await self.in_store(self.incidents.changes_after, self.published_seq)
+        if not changes:
+            return
+        latest: dict[str, IncidentChange] = {}
+        for change in changes:
+            latest[change.incident["id"]] = change
+            log.info("incident %s", change.action, extra={
+                "incident": change.incident["id"], "actor": change.actor, "state": change.incident["state"],
+                "note": change.note})
+        await publisher.publish_many([(topics.incident(c.incident["site"], c.incident["id"]), orjson.dumps(c.to_dict()))
+                                      for c in latest.values()], retain=True)
+        self.published_seq = seq
 
     async def _log_stats(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

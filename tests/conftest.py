@@ -33,6 +33,25 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 
 
 @pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One PostgreSQL server for the session; each test that wants one gets a database of its own."""
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer(tmp_path_factory.mktemp("postgres")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each incident-store test runs on SQLite and on a real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'incidents.db'}"
+    server = request.getfixturevalue("postgres")
+    return server.create_database(f"t{next(_ids)}_{time.time_ns() % 10**6}")
+
+
+@pytest.fixture(scope="session")
 def street_config() -> Config:
     return load_config(ROOT / "config.yaml")
 
@@ -44,6 +63,7 @@ def config(street_config: Config, broker: EmbeddedBroker, tmp_path: Path) -> Con
     config.broker.url = broker.url
     config.broker.client_id = f"gw-test-{next(_ids)}-{time.time_ns() % 10**6}"
     config.state_dir = tmp_path / "state"
+    config.incidents.url = f"sqlite:///{tmp_path / 'incidents.db'}"
     config.broker.session_expiry_s = 120  # long enough for a restart test, short enough to leave no backlog
     config.logging.stats_interval_s = 3600
     return config
@@ -132,12 +152,13 @@ class MqttClient:
             self.client.subscribe([(t, 1) for t in subscribe])
             assert subscribed.wait(5), "test client could not subscribe"
 
-    def publish(self, topic: str, payload: bytes | dict[str, Any], qos: int = 1) -> None:
+    def publish(self, topic: str, payload: bytes | dict[str, Any], qos: int = 1, retain: bool = False) -> None:
         body = orjson.dumps(payload) if isinstance(payload, dict) else payload
-        self.client.publish(topic, body, qos=qos).wait_for_publish(5)
+        self.client.publish(topic, body, qos=qos, retain=retain).wait_for_publish(5)
 
     def wait_for(self, predicate: Any, timeout_s: float = 5.0) -> tuple[str, dict[str, Any], float]:
         deadline = time.monotonic() + timeout_s
+        seen = []
         while (left := deadline - time.monotonic()) > 0:
             try:
                 item = self.messages.get(timeout=left)
@@ -145,7 +166,8 @@ class MqttClient:
                 break
             if predicate(*item[:2]):
                 return item
-        raise AssertionError(f"no matching message within {timeout_s} s")
+            seen.append(item[:2])
+        raise AssertionError(f"no matching message within {timeout_s} s; received instead: {seen!r:.2000}")
 
     def collect(self, seconds: float) -> list[tuple[str, dict[str, Any], float]]:
         out, deadline = [], time.monotonic() + seconds
