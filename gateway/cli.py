@@ -14,6 +14,7 @@ from typing import Any
 
 from gateway import logs
 from gateway.config import Config, ConfigError, load_config, parse_broker_url
+from gateway.incidents.store import StoreError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
 
@@ -81,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_argument("--kind", choices=["smoke", "ev_charger", "noise", "meter"])
     devices.add_argument("--site", help="only devices of this site")
     devices.add_argument("--json", action="store_true", help="print one JSON document")
+
+    from gateway.incidents.cli import add_parsers
+
+    add_parsers(verbs, _common)
 
     check = verbs.add_parser("check-config", help="validate a configuration file",
                              description="Validate FILE (default: --config) and the registry it names; print "
@@ -205,14 +210,29 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_incidents(args: argparse.Namespace) -> int:
+    from gateway.incidents.cli import run_incidents
+
+    return run_incidents(_load(args, quiet=True), args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from gateway.incidents.cli import run_report
+
+    return run_report(_load(args, quiet=True), args)
+
+
 COMMANDS = {"run": cmd_run, "demo": cmd_demo, "simulate": cmd_simulate, "devices": cmd_devices,
-            "check-config": cmd_check_config}
+            "incidents": cmd_incidents, "report": cmd_report, "check-config": cmd_check_config}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.verb](args)
+    except StoreError as exc:
+        print(f"streetbrain {args.verb}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except ConfigError as exc:
         print(f"streetbrain {args.verb}: the configuration has problems (run streetbrain check-config):",
               file=sys.stderr)

@@ -27,17 +27,34 @@ def format_alert(alert: dict) -> str:
             f"{alert['message']['zh']}  [dim]{alert['message']['en']}[/]")
 
 
+def format_incident(incident: dict) -> str:
+    change = incident["change"]
+    clock = time.strftime("%H:%M:%S", time.localtime(change["at"]))
+    who = f"{incident['team'] or '-'}" + (f" + {incident['fire_station']}" if incident["fire_station"] else "")
+    deadline = incident.get("dispatch_deadline")
+    due = f", dispatch by {time.strftime('%H:%M:%S', time.localtime(deadline))}" if deadline else ""
+    return (f"{clock} [bold magenta]INCIDENT[/] {change['action']:<8} {incident['id']}  {incident['title_zh']}  "
+            f"→ {who}{due}")
+
+
 async def watch_alerts(host: str, port: int, console: Console, counts: Counter[str], stop: asyncio.Event) -> None:
-    """Follow the alerts topic like any operator console would, on a connection of its own."""
+    """Follow alerts and incidents like any operator console would, on a connection of its own."""
+    incidents = f"{topics.ROOT}/+/incidents/#"
     async with aiomqtt.Client(host, port, identifier=f"streetbrain-demo-watch-{time.time_ns() % 10**9}") as client:
         await client.subscribe(topics.ALERTS_FILTER, qos=1)
+        await client.subscribe(incidents, qos=1)
         async for message in client.messages:
             try:
-                alert = orjson.loads(message.payload)  # type: ignore[arg-type]
+                body = orjson.loads(message.payload)  # type: ignore[arg-type]
             except orjson.JSONDecodeError:
                 continue
-            counts[alert.get("event", "?")] += 1
-            console.print(format_alert(alert), highlight=False)
+            if message.topic.matches(incidents):
+                if not message.retain and body.get("change", {}).get("action") in ("opened", "sla_breach"):
+                    counts["incidents"] += 1
+                    console.print(format_incident(body), highlight=False)
+            else:
+                counts[body.get("event", "?")] += 1
+                console.print(format_alert(body), highlight=False)
             if stop.is_set():
                 return
 
@@ -79,5 +96,7 @@ async def demo(config: Config, args: argparse.Namespace, stop: asyncio.Event) ->
     await gateway_task
     console.rule()
     console.print(f"published {published} readings; alerts raised {counts['raised']}, updated {counts['updated']}, "
-                  f"cleared {counts['cleared']}; rejected {sum(gateway.stats.rejected.values())}")
+                  f"cleared {counts['cleared']}; incidents opened {counts['incidents']}; "
+                  f"rejected {sum(gateway.stats.rejected.values())}")
+    console.print("the queue: streetbrain incidents list --open; streetbrain report", highlight=False)
     return 0

@@ -67,5 +67,5 @@ def test_demo_street_raises_alerts_and_stops_by_itself(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "simulator injects" in result.stdout
     assert " raised " in result.stdout
-    summary = result.stdout.strip().splitlines()[-1]
-    assert summary.startswith("published ") and "rejected 0" in summary
+    summary = next(line for line in result.stdout.splitlines() if line.startswith("published "))
+    assert "incidents opened" in summary and "rejected 0" in summary

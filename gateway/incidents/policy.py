@@ -47,6 +47,11 @@ def silence_for(silences: list[dict[str, Any]], alert: AlertEvent, now: float) -
     return None
 
 
+def source_rules_for(rules: list[InhibitRule], target_rule: str) -> set[str]:
+    """The rules whose open incidents could hold back an alert of ``target_rule``."""
+    return {source for rule in rules if target_rule in rule.target_rules for source in rule.source_rules}
+
+
 def inhibitor_for(rules: list[InhibitRule], open_incidents: list[dict[str, Any]],
                   alert: AlertEvent) -> tuple[dict[str, Any], InhibitRule] | None:
     """An open incident whose alert is active and whose rule holds this alert back."""
@@ -59,8 +64,8 @@ def inhibitor_for(rules: list[InhibitRule], open_incidents: list[dict[str, Any]]
             members = json.loads(incident["members"])
             if rule.source_group_only and len(members) < 2:
                 continue
-            if incident["dedup_key"] == dedup_key(alert):
-                continue  # an alert never inhibits its own incident
+            if incident["dedup_key"] in (dedup_key(alert), group_key(alert.site, alert.rule)):
+                continue  # an alert is never held back by its own incident or its own storm
             if "site" in rule.equal and incident["site"] != alert.site:
                 continue
             if "device_id" in rule.equal and alert.device_id not in members:

@@ -72,6 +72,14 @@ class IncidentQueue:
     # -- alerts in --------------------------------------------------------------------------------
     def absorb(self, alerts: list[AlertEvent], now: float | None = None) -> list[IncidentChange]:
         now = self.clock() if now is None else now
+        if len(alerts) > 1:
+            # one transaction for the batch (one fsync for a storm); should another gateway write the
+            # same incident meanwhile, the batch is rolled back and taken one alert at a time
+            try:
+                with self.db.transaction():
+                    return [change for alert in alerts for change in self._absorb_one(alert, now)]
+            except Conflict:
+                pass
         changes: list[IncidentChange] = []
         for alert in alerts:
             for attempt in range(3):
@@ -93,14 +101,18 @@ class IncidentQueue:
         if incident is not None:
             return self._occurrence(incident, alert, now)
         silence = policy.silence_for(self.db.fetchall(
-            "SELECT * FROM silences WHERE cancelled_at IS NULL AND starts_at <= ? AND ends_at > ?", (now, now)),
-            alert, now)
+            "SELECT * FROM silences WHERE cancelled_at IS NULL AND starts_at <= ? AND ends_at > ? AND "
+            "(device_id IS NULL OR device_id = ?) AND (rule IS NULL OR rule = ?) AND (site IS NULL OR site = ?)",
+            (now, now, alert.device_id, alert.rule, alert.site)), alert, now)
         if silence is not None:
             self._suppress(alert, now, "silenced", silence["id"])
             return []
-        if self.config.incidents.inhibit:
+        sources = policy.source_rules_for(self.config.incidents.inhibit, alert.rule)
+        if sources:
+            marks = ", ".join("?" * len(sources))
             found = policy.inhibitor_for(self.config.incidents.inhibit, self.db.fetchall(
-                "SELECT * FROM incidents WHERE is_open = 1 AND site = ?", (alert.site,)), alert)
+                f"SELECT * FROM incidents WHERE is_open = 1 AND site = ? AND rule IN ({marks})",
+                (alert.site, *sorted(sources))), alert)
             if found is not None:
                 source, _ = found
                 self._suppress(alert, now, "inhibited", source["id"])

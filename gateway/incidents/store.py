@@ -127,6 +127,7 @@ _AUDIT_IMMUTABLE_PG = [
 ]
 _INDEXES = [
     "CREATE INDEX incidents_state ON incidents (state, opened_at)",
+    "CREATE INDEX incidents_open_site_rule ON incidents (site, rule, opened_at) WHERE is_open = 1",
     "CREATE INDEX audit_incident ON audit (incident_id, seq)",
     "CREATE INDEX occurrences_incident ON occurrences (incident_id, ts)",
 ]
@@ -136,6 +137,9 @@ MIGRATIONS.append((1, "incidents, occurrences, suppressed alerts, audit trail, s
                     *_AUDIT_IMMUTABLE_SQLITE, *_INDEXES],
                    [_INCIDENTS, _OPEN_INDEX, _OCCURRENCES, _SUPPRESSED, _SILENCES, _AUDIT_PG,
                     *_AUDIT_IMMUTABLE_PG, *_INDEXES]))
+
+
+MIGRATION_LOCK = 0x5EB7A1  # the advisory lock id that serialises migrations on PostgreSQL
 
 
 class StoreError(RuntimeError):
@@ -212,11 +216,12 @@ class Database:
     def migrate(self) -> int:
         """Apply the migrations this database has not seen; returns its schema version."""
         with self.transaction():
+            if self.dialect == "postgresql":
+                # Several gateways starting at once on a new database: one migrates, the others wait
+                # (CREATE TABLE IF NOT EXISTS itself is not safe against a concurrent twin).
+                self.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
             self.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
                          "description TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)")
-            if self.dialect == "postgresql":
-                # several gateways starting at once: one migrates, the others wait for it
-                self.execute("LOCK TABLE schema_version IN EXCLUSIVE MODE")
             row = self.fetchone("SELECT MAX(version) AS v FROM schema_version")
             current = int(row["v"]) if row and row["v"] is not None else 0
             for version, description, sqlite_ddl, pg_ddl in MIGRATIONS:
