@@ -83,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_argument("--site", help="only devices of this site")
     devices.add_argument("--json", action="store_true", help="print one JSON document")
 
+    history = verbs.add_parser("history", help="a device's recent points from the telemetry store",
+                               description="Read a device's points back from the telemetry store (influx.url): "
+                                           "InfluxDB through Flux, VictoriaMetrics through its export API.")
+    _common(history, mqtt=False)
+    history.add_argument("device", metavar="DEVICE")
+    history.add_argument("--since", default="1h", metavar="TIME", help="a duration ago (1h, 2d) or a time (default 1h)")
+    history.add_argument("--field", help="only this field (e.g. laeq_db)")
+    history.add_argument("--json", action="store_true")
+
     from gateway.incidents.cli import add_parsers
 
     add_parsers(verbs, _common)
@@ -210,6 +219,43 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    import time as clock
+
+    from gateway.incidents.cli import local, moment
+    from gateway.telemetry.history import HistoryUnavailable, read
+
+    config = _load(args, quiet=True)
+    if args.device not in {d.id for d in config.devices}:
+        print(f"streetbrain history: no device {args.device!r} in the registry", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        since = moment(args.since)
+    except argparse.ArgumentTypeError as exc:
+        print(f"streetbrain history: --since: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        points = read(config.influx, args.device, since, clock.time(), args.field)
+    except HistoryUnavailable as exc:
+        print(f"streetbrain history: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        json.dump(points, sys.stdout, ensure_ascii=False, indent=1)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.device}: {len(points)} points since {local(since)}")
+    for column in ("time", "measurement", "field", "value"):
+        table.add_column(column)
+    for p in points:
+        table.add_row(local(p["time"]), p["measurement"], p["field"], f"{p['value']:g}" if isinstance(
+            p["value"], (int, float)) else str(p["value"]))
+    Console().print(table)
+    return EXIT_OK
+
+
 def cmd_incidents(args: argparse.Namespace) -> int:
     from gateway.incidents.cli import run_incidents
 
@@ -223,7 +269,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "demo": cmd_demo, "simulate": cmd_simulate, "devices": cmd_devices,
-            "incidents": cmd_incidents, "report": cmd_report, "check-config": cmd_check_config}
+            "incidents": cmd_incidents, "report": cmd_report, "history": cmd_history,
+            "check-config": cmd_check_config}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -172,10 +172,22 @@ class IncidentsConfig(Section):
 
 
 class InfluxConfig(Section):
-    url: str | None = None
+    url: str | None = Field(default=None, pattern=r"^(https?://.+)?$",
+                            description="InfluxDB 2/3 or any server of its v2 write API; empty: none")
     org: str = "streetbrain"
     bucket: str = "streetbrain"
     token: SecretStr | None = None
+    batch_size: int = Field(default=5000, ge=1, le=100000, description="points per write")
+    flush_interval_s: float = Field(default=1.0, gt=0)
+    timeout_s: float = Field(default=10.0, gt=0)
+    max_pending: int = Field(default=200000, ge=1000, description="readings queued in memory before the oldest drop")
+    spool_max_bytes: int = Field(default=256 * 2**20, ge=2**16, description="disk spool while the store is away")
+    max_string_bytes: int = Field(default=4096, ge=16, description="longer string fields are refused")
+
+    @field_validator("url")
+    @classmethod
+    def _empty(cls, value: str | None) -> str | None:
+        return value or None
 
 
 class Operator(Section):

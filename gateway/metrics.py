@@ -8,7 +8,7 @@ scraped.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterator
+from typing import Any, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -25,6 +25,7 @@ class Stats(Collector):
         self.publish_failures = 0
         self.batches = 0
         self.ingest_queue_depth = 0
+        self.telemetry: Any = None  # the telemetry sink, when a store is configured
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         """Per-kind totals for the periodic log line."""
@@ -69,3 +70,8 @@ class Stats(Collector):
         depth = GaugeMetricFamily("streetbrain_ingest_queue_depth", "Messages received and not yet processed")
         depth.add_metric([], self.ingest_queue_depth)
         yield depth
+        if self.telemetry is not None:
+            for name, value in self.telemetry.state().items():
+                family = GaugeMetricFamily(f"streetbrain_telemetry_{name}", f"Telemetry store: {name.replace('_', ' ')}")
+                family.add_metric([], float(value))
+                yield family

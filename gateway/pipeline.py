@@ -33,6 +33,7 @@ class Outcome:
     alerts: list[AlertEvent] = field(default_factory=list)
     deadletters: list[DeadLetter] = field(default_factory=list)
     statuses: list[StatusUpdate] = field(default_factory=list)
+    accepted: list[tuple[str, str, str, Reading]] = field(default_factory=list)  # (kind, site, device, reading)
 
 
 def to_columns(items: list[tuple[int, Reading]], fields: tuple[str, ...]) -> ColumnBatch:
@@ -53,8 +54,9 @@ def to_columns(items: list[tuple[int, Reading]], fields: tuple[str, ...]) -> Col
 
 class Pipeline:
     def __init__(self, config: Config, registry: Registry, stats: Stats | None = None,
-                 started_at: float | None = None):
+                 started_at: float | None = None, keep_readings: bool = False):
         self.config = config
+        self.keep_readings = keep_readings  # hand accepted readings out (for the telemetry store)
         self.registry = registry
         self.stats = stats or Stats()
         self.decoder = Decoder(config, registry)
@@ -105,6 +107,10 @@ class Pipeline:
         # QoS 1 redeliveries are expected: counted, not dead-lettered.
         self.stats.rejected[(kind, "duplicate")] += len(evaluation.duplicate)
         series = self.registry.series[kind]
+        if self.keep_readings:
+            skip = set(evaluation.duplicate.tolist()) | set(evaluation.too_late.tolist())
+            outcome.accepted.extend((kind, series.sites[row], series.device_ids[row], reading)
+                                    for i, (row, reading) in enumerate(items) if i not in skip)
         for index in evaluation.too_late.tolist():
             row, reading = items[index]
             letter = DeadLetter(topics.telemetry(series.sites[row], kind, series.device_ids[row]), series.sites[row],

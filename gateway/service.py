@@ -22,6 +22,7 @@ from gateway.mqtt import Publisher, Receiver
 from gateway.decode import DeadLetter
 from gateway.incidents.queue import IncidentChange, IncidentQueue
 from gateway.incidents.store import Database
+from gateway.telemetry.sink import TelemetrySink
 from gateway.pipeline import Outcome, Pipeline
 from gateway.registry import Registry
 
@@ -56,7 +57,8 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.registry = Registry.from_config(self.config)
-        self.pipeline = Pipeline(self.config, self.registry, self.stats)
+        self.pipeline = Pipeline(self.config, self.registry, self.stats,
+                                 keep_readings=self.config.influx.url is not None)
         self.address: BrokerAddress | None = None
         self.embedded: EmbeddedBroker | None = None
         self.started = asyncio.Event()
@@ -66,6 +68,12 @@ class Gateway:
         self.db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="incident-store")
         self.incidents = IncidentQueue(self.config, Database(self.config.incidents.url))
         self.published_seq = self.incidents.last_audit_seq()
+        self.telemetry: TelemetrySink | None = None
+        if self.config.influx.url is not None:
+            self.telemetry = TelemetrySink(self.config.influx, self.config.state_dir / "telemetry-spool")
+        else:
+            log.info("no telemetry store configured (influx.url): readings are checked and alerted on, not kept")
+        self.stats.telemetry = self.telemetry
 
     async def in_store(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.db_thread, lambda: fn(*args, **kwargs))
@@ -170,6 +178,8 @@ class Gateway:
             self.write_snapshot()
             await self.in_store(self.incidents.db.close)
             self.db_thread.shutdown()
+            if self.telemetry is not None:
+                await asyncio.to_thread(self.telemetry.close)
             self._log_counters("gateway stopped")
 
     async def _process(self, receiver: Receiver, publisher: Publisher, everything: bool = False) -> None:
@@ -183,6 +193,9 @@ class Gateway:
             if outcome.alerts:
                 # in the store before the readings are acknowledged: a crash loses no incident
                 await self.in_store(self.incidents.absorb, outcome.alerts, now)
+            if self.telemetry is not None:
+                self.telemetry.readings(outcome.accepted)
+                self.telemetry.alerts(outcome.alerts)
             await self._publish(outcome, publisher, now)
             await self._publish_incident_changes(publisher)
             receiver.ack(batch)
@@ -258,6 +271,8 @@ class Gateway:
                 if events:
                     await self.in_store(self.incidents.absorb, events, now)
                     await self._publish(Outcome(alerts=events), publisher, now)
+                    if self.telemetry is not None:
+                        self.telemetry.alerts(events)
             if t >= next_sla:
                 next_sla = t + incidents.sla_check_interval_s
                 await self.in_store(self.incidents.sla_tick, now)
@@ -276,6 +291,8 @@ class Gateway:
         seq, changes = await self.in_store(self.incidents.changes_after, self.published_seq)
         if not changes:
             return
+        if self.telemetry is not None:
+            self.telemetry.incident_changes(changes)
         latest: dict[str, IncidentChange] = {}
         for change in changes:
             latest[change.incident["id"]] = change
