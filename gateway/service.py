@@ -8,6 +8,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from gateway.registry import Registry
 log = logging.getLogger("streetbrain.gateway")
 
 SHUTDOWN_FLUSH_S = 10.0
+RECENT_ALERTS = 1000  # alert events kept for /api/alerts
+RECENT_READINGS = 240  # readings kept per device for the dashboard's chart (4 h of one a minute)
 
 
 def resolve_broker(config: Config, override: str | None) -> tuple[BrokerAddress, EmbeddedBroker | None]:
@@ -57,8 +60,12 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.registry = Registry.from_config(self.config)
-        self.pipeline = Pipeline(self.config, self.registry, self.stats,
-                                 keep_readings=self.config.influx.url is not None)
+        # accepted readings are kept: for the telemetry store and the dashboard's recent readings
+        self.pipeline = Pipeline(self.config, self.registry, self.stats, keep_readings=True)
+        self.receiver: Receiver | None = None
+        self.recent_alerts: deque[dict[str, Any]] = deque(maxlen=RECENT_ALERTS)
+        self.readings_buffer: dict[str, deque[tuple[float, int, dict[str, Any]]]] = {}
+        self._poke: asyncio.Event | None = None
         self.address: BrokerAddress | None = None
         self.embedded: EmbeddedBroker | None = None
         self.started = asyncio.Event()
@@ -128,6 +135,9 @@ class Gateway:
         publisher = Publisher(self.config.broker, self.address)
         receiver = Receiver(self.config.broker, self.address, [topics.TELEMETRY_FILTER, topics.STATUS_FILTER],
                             loop, wake)
+        self.receiver = receiver
+        self._poke = asyncio.Event()
+        api_task = await self._start_api()
         publisher.start()
         receiver.start()
         stats_task = asyncio.create_task(self._log_stats(stop), name="stats")
@@ -170,6 +180,9 @@ class Gateway:
                 log.error("shutdown: could not publish the last alerts within %.0f s; "
                           "the broker redelivers their readings on restart", SHUTDOWN_FLUSH_S)
             await asyncio.to_thread(receiver.stop)
+            if api_task is not None:
+                self.api_server.should_exit = True
+                await asyncio.wait({api_task}, timeout=5)
             stats_task.cancel()
             housekeeping.cancel()
             await asyncio.gather(housekeeping, return_exceptions=True)
@@ -196,6 +209,7 @@ class Gateway:
             if self.telemetry is not None:
                 self.telemetry.readings(outcome.accepted)
                 self.telemetry.alerts(outcome.alerts)
+            self._remember(outcome)
             await self._publish(outcome, publisher, now)
             await self._publish_incident_changes(publisher)
             receiver.ack(batch)
@@ -240,9 +254,8 @@ class Gateway:
                         "alert_id": alert.alert_id, "rule": alert.rule, "severity": alert.severity,
                         "device": alert.device_id, "site": alert.site, "value": alert.value,
                         "threshold": alert.threshold})
-            for listener in self.alert_listeners:
-                if listener.qsize() < 10000:
-                    listener.put_nowait(body)
+            self.recent_alerts.append(body)
+            self._tell_listeners(body)
         for letter in outcome.deadletters:
             out.append((letter.deadletter_topic, letter.to_json(now)))
             log.info("rejected %s", letter.reason, extra={
@@ -262,8 +275,14 @@ class Gateway:
         next_offline = loop.time() + detection.offline_check_interval_s
         next_sla = loop.time()
         next_snapshot = loop.time() + detection.snapshot_interval_s
+        poke = self._poke
+        assert poke is not None
         while not stop.is_set():
-            await asyncio.sleep(tick)
+            try:
+                await asyncio.wait_for(poke.wait(), tick)  # an operator acted: publish at once
+            except TimeoutError:
+                pass
+            poke.clear()
             t, now = loop.time(), time.time()
             if t >= next_offline:
                 next_offline = t + detection.offline_check_interval_s
@@ -293,6 +312,8 @@ class Gateway:
             return
         if self.telemetry is not None:
             self.telemetry.incident_changes(changes)
+        for change in changes:
+            self._tell_listeners(change.to_dict())
         latest: dict[str, IncidentChange] = {}
         for change in changes:
             latest[change.incident["id"]] = change
@@ -302,6 +323,87 @@ class Gateway:
         await publisher.publish_many([(topics.incident(c.incident["site"], c.incident["id"]), orjson.dumps(c.to_dict()))
                                       for c in latest.values()], retain=True)
         self.published_seq = seq
+
+    # -- what the operators' API reads ------------------------------------------------------------------
+    async def _start_api(self) -> asyncio.Task[None] | None:
+        import uvicorn
+
+        from gateway.api.app import ApiServer, create_app
+
+        host, _, port = self.config.api.listen.rpartition(":")
+        config = uvicorn.Config(create_app(self), host=host.strip("[]"), port=int(port), log_level="warning",
+                                lifespan="off", access_log=False)
+        self.api_server = ApiServer(config)
+        task = asyncio.create_task(self.api_server.serve(), name="api")
+        while not self.api_server.started and not task.done():
+            await asyncio.sleep(0.02)
+        if task.done():
+            raise RuntimeError(f"the API could not listen on {self.config.api.listen} (in use?): set api.listen or "
+                               "STREETBRAIN_API__LISTEN")
+        sockets = [s for server in self.api_server.servers for s in server.sockets]
+        self.api_port = sockets[0].getsockname()[1] if sockets else int(port)
+        log.info("API and dashboard listening", extra={"url": f"http://{host}:{self.api_port}/",
+                                                        "operators": len(self.config.api.tokens)})
+        return task
+
+    def poke_publisher(self) -> None:
+        if self._poke is not None:
+            self._poke.set()
+
+    def _tell_listeners(self, item: dict[str, Any]) -> None:
+        for listener in self.alert_listeners:
+            if listener.qsize() < listener.maxsize - 1 or listener.maxsize == 0:
+                listener.put_nowait(item)
+
+    def _remember(self, outcome: Outcome) -> None:
+        """The last readings of each device, for the dashboard's chart when no store is configured."""
+        buffers = self.readings_buffer
+        for _, _, device_id, reading in outcome.accepted:
+            buffer = buffers.get(device_id)
+            if buffer is None:
+                buffer = buffers[device_id] = deque(maxlen=RECENT_READINGS)
+            buffer.append((reading.ts, getattr(reading, "port", 0) or 0,
+                           reading.model_dump(exclude={"ts", "seq", "device_id", "port"}, exclude_none=True)))
+
+    def recent_readings(self, device_id: str, limit: int) -> list[dict[str, Any]]:
+        buffer = self.readings_buffer.get(device_id, ())
+        return [{"ts": ts, **({"port": port} if port else {}), **fields} for ts, port, fields in list(buffer)[-limit:]]
+
+    def device_views(self, kind: str | None = None, site: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for kind_name, engine in self.pipeline.engines.items():
+            if kind is not None and kind_name != kind:
+                continue
+            series = self.registry.series[kind_name]
+            active: dict[str, list[dict[str, Any]]] = {}
+            for rule, state in zip(engine.rules, engine.state):
+                for row in (state.announced > 0).nonzero()[0].tolist():
+                    active.setdefault(series.device_ids[row], []).append(
+                        {"rule": rule.rule_id, "severity": ("none", "info", "warning", "major", "critical")[
+                            int(state.announced[row])], "port": series.ports[row] or None})
+            offline = {series.device_ids[row] for row in engine.offline.nonzero()[0].tolist()}
+            now = time.time()
+            params: dict[str, dict[str, float]] = {}
+            for name, table in engine.params.items():  # e.g. the zone's LAeq limit at this hour
+                values = table.resolve(np.arange(len(series)), np.full(len(series), now))
+                for row, value in enumerate(values.tolist()):
+                    if value == value:
+                        params.setdefault(series.device_ids[row], {})[name] = value
+            for device in self.registry.devices.values():
+                if device.kind != kind_name or (site is not None and device.site != site):
+                    continue
+                buffer = self.readings_buffer.get(device.id)
+                last = None
+                if buffer:
+                    ts, port, fields = buffer[-1]
+                    last = {"ts": ts, **({"port": port} if port else {}), **fields}
+                alerts = active.get(device.id, [])
+                if device.id in offline:
+                    alerts.append({"rule": "offline", "severity": self.config.kinds[kind_name].offline.severity
+                                   if kind_name in self.config.kinds else "warning", "port": None})
+                out.append({**device.model_dump(exclude_none=True), "online": device.id not in offline,
+                            "last_reading": last, "active_alerts": alerts, "params": params.get(device.id, {})})
+        return out
 
     async def _log_stats(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

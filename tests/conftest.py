@@ -64,6 +64,7 @@ def config(street_config: Config, broker: EmbeddedBroker, tmp_path: Path) -> Con
     config.broker.client_id = f"gw-test-{next(_ids)}-{time.time_ns() % 10**6}"
     config.state_dir = tmp_path / "state"
     config.incidents.url = f"sqlite:///{tmp_path / 'incidents.db'}"
+    config.api.listen = "127.0.0.1:0"  # a free port of its own
     config.broker.session_expiry_s = 120  # long enough for a restart test, short enough to leave no backlog
     config.logging.stats_interval_s = 3600
     return config

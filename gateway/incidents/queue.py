@@ -382,6 +382,12 @@ class IncidentQueue:
         rows = self.db.fetchall(sql + " ORDER BY opened_at DESC LIMIT ?", (*params, limit))
         return [public(r) for r in rows]
 
+    def sla_figures(self, now: float) -> dict[str, Any]:
+        """Counts for /metrics: incidents by state, and open ones with a clock past its deadline."""
+        by_state = {r["state"]: r["n"] for r in self.db.fetchall("SELECT state, COUNT(*) AS n FROM incidents GROUP BY state")}
+        overdue = len(self.list(overdue_at=now, limit=100000))
+        return {"by_state": by_state, "overdue": overdue}
+
     def changes_after(self, seq: int) -> tuple[int, list[IncidentChange]]:
         """Audit lines after ``seq`` as changes (to publish what other processes did)."""
         rows = self.db.fetchall("SELECT * FROM audit WHERE seq > ? ORDER BY seq", (seq,))

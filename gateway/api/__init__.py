@@ -1,0 +1,1 @@
+"""The operators' HTTP API (FastAPI) and the dashboard it serves."""
