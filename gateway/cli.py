@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_argument("--site", help="only devices of this site")
     devices.add_argument("--json", action="store_true", help="print one JSON document")
 
+    watch = verbs.add_parser("watch", help="the live alert stream and open incidents in the terminal",
+                             description="Follow alerts and incidents on the broker, like a command-centre screen.")
+    _common(watch, mqtt=True)
+    watch.add_argument("--site")
+    watch.add_argument("--kind", choices=["smoke", "ev_charger", "noise", "meter"])
+    watch.add_argument("--severity", choices=["info", "warning", "major", "critical"], help="this and worse")
+
     history = verbs.add_parser("history", help="a device's recent points from the telemetry store",
                                description="Read a device's points back from the telemetry store (influx.url): "
                                            "InfluxDB through Flux, VictoriaMetrics through its export API.")
@@ -219,6 +226,31 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from gateway.watch import Watch, watch
+
+    config = _load(args, quiet=True)
+    url = args.broker or config.broker.url
+    if url is None:
+        print("streetbrain watch: which broker? pass --broker mqtt://HOST:PORT (streetbrain run logs its address)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    address = parse_broker_url(url)
+    view = Watch(site=args.site, kind=args.kind, severity=args.severity)
+    return _run_until_signal(lambda stop: _watch(watch, address, view, stop))
+
+
+async def _watch(watch: Any, address: Any, view: Any, stop: asyncio.Event) -> int:
+    import aiomqtt
+
+    try:
+        await watch(address.host, address.port, view, stop)
+    except aiomqtt.MqttError as exc:
+        print(f"streetbrain watch: cannot follow {address}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     import time as clock
 
@@ -269,7 +301,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "demo": cmd_demo, "simulate": cmd_simulate, "devices": cmd_devices,
-            "incidents": cmd_incidents, "report": cmd_report, "history": cmd_history,
+            "incidents": cmd_incidents, "report": cmd_report, "history": cmd_history, "watch": cmd_watch,
             "check-config": cmd_check_config}
 
 

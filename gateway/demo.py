@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import time
 from collections import Counter
 
@@ -12,11 +13,17 @@ import orjson
 from rich.console import Console
 
 from gateway import topics
-from gateway.config import Config
+from gateway.broker import reachable
+from gateway.config import Config, Operator
 from gateway.service import Gateway
 from simulators.street import Event, Street, run_street
 
 STYLE = {"critical": "bold white on red", "major": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def _host_port(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def format_alert(alert: dict) -> str:
@@ -61,6 +68,13 @@ async def watch_alerts(host: str, port: int, console: Console, counts: Counter[s
 
 async def demo(config: Config, args: argparse.Namespace, stop: asyncio.Event) -> int:
     console = Console()
+    demo_token = None
+    if not config.api.tokens:
+        # nobody configured: a token for this session only, so the dashboard can be tried at once
+        demo_token = secrets.token_urlsafe(12)
+        config.api.tokens = {demo_token: Operator(operator="demo", role="admin")}
+    if reachable(*_host_port(config.api.listen)):
+        config.api.listen = config.api.listen.rsplit(":", 1)[0] + ":0"  # the usual port is taken: any free one
     gateway = Gateway(config, broker_url=args.broker)
     gateway_task = asyncio.create_task(gateway.run(stop), name="gateway")
     started = asyncio.create_task(gateway.started.wait())
@@ -78,6 +92,9 @@ async def demo(config: Config, args: argparse.Namespace, stop: asyncio.Event) ->
                   f"({sum(len(s) for s in gateway.registry.series.values())} series)  ·  a reading per device every "
                   f"{args.interval:g} s  ·  an injected event every ~{args.event_every:g} s  ·  Ctrl-C stops")
     console.print(f"follow the alerts elsewhere: mosquitto_sub -p {port} -t '{topics.ALERTS_FILTER}' -v", highlight=False)
+    host_ip = config.api.listen.rsplit(":", 1)[0]
+    console.print(f"dashboard: [bold]http://{host_ip}:{gateway.api_port}/[/]" +
+                  (f"  token: [bold]{demo_token}[/] (this session only)" if demo_token else ""), highlight=False)
 
     def on_event(event: Event) -> None:
         console.print(f"[magenta]simulator[/] injects {event.describe()}", highlight=False)

@@ -69,3 +69,25 @@ def test_demo_street_raises_alerts_and_stops_by_itself(tmp_path):
     assert " raised " in result.stdout
     summary = next(line for line in result.stdout.splitlines() if line.startswith("published "))
     assert "incidents opened" in summary and "rejected 0" in summary
+
+
+def test_watch_follows_alerts_and_incidents_on_the_broker(config, run_gateway, mqtt, tmp_path):
+    import signal
+    import time
+
+    from gateway import topics
+
+    run_gateway(config)
+    watcher = subprocess.Popen([sys.executable, "-m", "gateway.cli", "watch", "--broker", config.broker.url,
+                                "--kind", "smoke"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "COLUMNS": "200"})
+    time.sleep(1.5)
+    mqtt().publish(topics.telemetry("fengqi", "smoke", "smk-fengqi-031"), {"ts": time.time(), "alarm": True})
+    mqtt().publish(topics.telemetry("wangma", "meter", "mtr-wangma-031"), {"ts": time.time(), "temp_c": 80.0})
+    time.sleep(2.0)
+    watcher.send_signal(signal.SIGINT)
+    out, err = watcher.communicate(timeout=10)
+    assert watcher.returncode == 0, err
+    assert "fengqi/smk-fengqi-031" in out and "烟感报警" in out  # the alert
+    assert "open incidents" in out and "critical" in out  # and its incident
+    assert "mtr-wangma-031" not in out  # --kind smoke
