@@ -52,7 +52,9 @@ def test_health_readiness_metrics_and_the_page_need_no_token(api):
     assert "streetbrain_messages_received_total" in metrics and "streetbrain_incidents_overdue" in metrics
     page = api("GET", "/", token=None)
     assert page.status_code == 200 and "街脑" in page.text and "http" not in page.text.split("<script>")[0].lower()
-    assert api("GET", "/docs", token=None).status_code == 200
+    docs = api("GET", "/docs", token=None)
+    assert docs.status_code == 200 and "cdn" not in docs.text.lower()  # usable without the internet
+    assert api("GET", "/docs-assets/swagger-ui-bundle.js", token=None).status_code == 200
     assert "/api/incidents/{incident_id}/{action}" in api("GET", "/openapi.json", token=None).json()["paths"]
 
 

@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Iterator, Literal
 
 import orjson
+import swagger_ui_bundle
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.staticfiles import StaticFiles
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -72,9 +75,18 @@ class ApiServer(uvicorn.Server):
 
 
 def create_app(gateway: "Gateway") -> FastAPI:
-    app = FastAPI(title="streetbrain", version="0.1.0",
+    app = FastAPI(title="streetbrain", version="0.1.0", docs_url=None, redoc_url=None,
                   description="The street command centre's API: incidents and their lifecycle, devices and their "
                               "readings, the live alert stream, silences, health and metrics.")
+    # The OpenAPI page from Swagger UI files shipped in a package: the command centre may have no internet.
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="streetbrain API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
     bearer = HTTPBearer(auto_error=False)
 
     def operator(role: str) -> Any:
