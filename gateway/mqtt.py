@@ -157,6 +157,7 @@ class Publisher:
         self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
+        self._broken = asyncio.Event()  # a publish failed: the connection is to be made again
         self.failures = 0  # publishes that failed and were retried
 
     def start(self) -> None:
@@ -175,8 +176,15 @@ class Publisher:
             try:
                 async with client:
                     self.client, delay = client, 1.0
+                    self._broken.clear()
                     self.ready.set()
-                    await self._closing.wait()
+                    # aiomqtt notices a dead connection only when it is used: a failed publish says so
+                    await asyncio.wait({asyncio.ensure_future(self._closing.wait()),
+                                        asyncio.ensure_future(self._broken.wait())},
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    self.ready.clear()
+                    if self._broken.is_set() and not self._closing.is_set():
+                        log.warning("publisher connection broken url=%s; reconnecting", self.address)
             except aiomqtt.MqttError as exc:
                 log.warning("publisher connection lost url=%s error=%s; retry in %.0f s", self.address, exc, delay)
             finally:
@@ -204,9 +212,11 @@ class Publisher:
             failed = [m for m, r in zip(pending, results) if isinstance(r, BaseException)]
             self.failures += len(failed)
             if failed:
-                log.warning("publish failed count=%d error=%s; retrying", len(failed),
+                log.warning("publish failed count=%d error=%s; reconnecting and retrying", len(failed),
                             next(r for r in results if isinstance(r, BaseException)))
-                await asyncio.sleep(0.5)
+                self.ready.clear()
+                self._broken.set()
+                await asyncio.sleep(0.2)
             pending = failed
 
     async def stop(self) -> None:

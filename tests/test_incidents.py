@@ -226,3 +226,13 @@ def test_migrations_are_versioned_and_applied_once(store_url):
 def test_a_bad_store_url_says_so():
     with pytest.raises(StoreError, match="cannot connect to the incident store"):
         Database("postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
+
+
+def test_an_alert_event_redelivered_after_its_incident_joined_a_storm_is_not_counted_again(queue):
+    queue.config.incidents.grouping = GroupingConfig(window_s=60, min_devices=3)
+    first = alert("mtr-wangma-001", "meter_overheat", kind="meter", severity="major", ts=T0)
+    queue.absorb([first], now=T0)
+    queue.absorb([alert(f"mtr-wangma-00{n}", "meter_overheat", kind="meter", severity="major", ts=T0 + n)
+                  for n in (2, 3)], now=T0 + 3)  # a storm: the first incident is merged into it
+    queue.absorb([first], now=T0 + 10)  # the gateway was killed before acknowledging: it comes again
+    assert queue.db.fetchone("SELECT COUNT(*) AS n FROM occurrences WHERE alert_id = ?", (first.alert_id,))["n"] == 1

@@ -94,6 +94,10 @@ class IncidentQueue:
         return changes
 
     def _absorb_one(self, alert: AlertEvent, now: float) -> list[IncidentChange]:
+        seen = (alert.alert_id, alert.event, alert.ts)
+        if (self.db.fetchone("SELECT 1 AS x FROM occurrences WHERE alert_id = ? AND event = ? AND ts = ?", seen)
+                or self.db.fetchone("SELECT 1 AS x FROM suppressed WHERE alert_id = ? AND event = ? AND ts = ?", seen)):
+            return []  # this very alert event again (redelivered after a restart): on record already
         key = policy.dedup_key(alert)
         incident = self.db.fetchone("SELECT * FROM incidents WHERE dedup_key = ? AND is_open = 1", (key,))
         if alert.event == "cleared":

@@ -130,6 +130,9 @@ _INDEXES = [
     "CREATE INDEX incidents_open_site_rule ON incidents (site, rule, opened_at) WHERE is_open = 1",
     "CREATE INDEX audit_incident ON audit (incident_id, seq)",
     "CREATE INDEX occurrences_incident ON occurrences (incident_id, ts)",
+    # an alert event is on record once, whichever incident it went to (a redelivery after a crash
+    # may find its first incident merged into a storm)
+    "CREATE UNIQUE INDEX occurrences_once ON occurrences (alert_id, event, ts)",
 ]
 
 MIGRATIONS.append((1, "incidents, occurrences, suppressed alerts, audit trail, silences",
