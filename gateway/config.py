@@ -208,6 +208,10 @@ class IngestConfig(Section):
     max_future_s: float = Field(default=300.0, ge=0, description="device clocks may run this far ahead")
     auto_register: bool = Field(default=False, description="accept devices that are not in the registry")
     batch_max: int = Field(default=5000, ge=1, description="messages handed to detection at once")
+    device_rate_per_s: float = Field(default=10.0, ge=0, description="messages a device may send per second "
+                                     "on average (a batch is one message); 0: no limit")
+    device_burst: int = Field(default=100, ge=1, description="messages a device may send at once")
+    flood_quiet_s: float = Field(default=60.0, gt=0, description="a flooding alert clears after this long within limits")
 
 
 class DetectionConfig(Section):
@@ -487,7 +491,7 @@ def cross_check(config: Config, where: Any) -> list[ConfigIssue]:
             if rule.field not in fields_of(kind):
                 problem(("kinds", kind, "rules", rule_id, "field"),
                         f"{kind} readings have no field {rule.field!r}; fields: {', '.join(fields_of(kind))}")
-    rule_ids = {rule_id for profile in config.kinds.values() for rule_id in profile.rules} | {"offline"}
+    rule_ids = {rule_id for profile in config.kinds.values() for rule_id in profile.rules} | {"offline", "flooding"}
     for i, inhibit in enumerate(config.incidents.inhibit):
         for side in ("source_rules", "target_rules"):
             for rule_id in set(getattr(inhibit, side)) - rule_ids:

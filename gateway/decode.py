@@ -93,6 +93,49 @@ class Decoded:
     statuses: list[StatusUpdate] = field(default_factory=list)
     deadletters: list[DeadLetter] = field(default_factory=list)
     registered: list[Device] = field(default_factory=list)
+    throttled: dict[str, int] = field(default_factory=dict)  # kind → messages dropped over a device's rate
+    floods_started: list[Device] = field(default_factory=list)
+
+
+class RateLimiter:
+    """A token bucket per device: ``rate`` messages a second on average, ``burst`` at once. What a
+    flooding device sends beyond that is dropped before it is parsed, so it cannot hold up the rest
+    of the street; the flood itself becomes an alert (see the pipeline)."""
+
+    def __init__(self, rate_per_s: float, burst: int):
+        self.rate = rate_per_s
+        self.burst = float(burst)
+        self.buckets: dict[str, list[float]] = {}  # device → [tokens, last refill]
+        self.floods: dict[str, list[float]] = {}  # device → [started, last drop, dropped]
+
+    def allow(self, device_id: str, now: float) -> bool:
+        if self.rate <= 0:
+            return True
+        bucket = self.buckets.get(device_id)
+        if bucket is None:
+            bucket = self.buckets[device_id] = [self.burst, now]
+        bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if bucket[0] >= 1.0:
+            bucket[0] -= 1.0
+            return True
+        return False
+
+    def dropped(self, device_id: str, now: float) -> bool:
+        """Record a drop; True when it starts a flood episode."""
+        flood = self.floods.get(device_id)
+        if flood is None:
+            self.floods[device_id] = [now, now, 1]
+            return True
+        flood[1], flood[2] = now, flood[2] + 1
+        return False
+
+    def calmed(self, now: float, quiet_s: float) -> list[tuple[str, float, int]]:
+        """Floods with no drop for ``quiet_s``: (device, started, dropped), forgotten as they are returned."""
+        over = [(d, f[0], int(f[2])) for d, f in self.floods.items() if now - f[1] >= quiet_s]
+        for device_id, _, _ in over:
+            del self.floods[device_id]
+        return over
 
 
 class _NonFinite(ValueError):
@@ -137,6 +180,7 @@ class Decoder:
         self.registry = registry
         self.limits = config.ingest
         self.site_ids = {s.id for s in config.sites}
+        self.limiter = RateLimiter(config.ingest.device_rate_per_s, config.ingest.device_burst)
 
     def decode(self, messages: list[tuple[str, bytes]], now: float) -> Decoded:
         out = Decoded()
@@ -167,6 +211,15 @@ class Decoder:
         device = self._device(site, kind, device_id, letter, out)
         if device is None:
             out.deadletters.append(letter)
+            return
+        if not self.limiter.allow(device_id, now):
+            out.throttled[kind] = out.throttled.get(kind, 0) + 1
+            if self.limiter.dropped(device_id, now):  # one dead letter per flood, not one per message
+                letter.add(None, "rate_limited",
+                           f"device {device_id} sends more than {self.limits.device_rate_per_s:g} messages/s "
+                           f"(burst {self.limits.device_burst}); what it sends beyond is dropped and counted")
+                out.deadletters.append(letter)
+                out.floods_started.append(device)
             return
 
         if channel == "status":

@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import orjson
@@ -22,7 +23,7 @@ from gateway.metrics import Stats
 from gateway.registry import Registry
 from gateway.schemas import READING_MODELS, Reading
 from rules.engine import ColumnBatch, KindEngine
-from rules.events import AlertEvent
+from rules.events import EVENT_ZH, AlertEvent, alert_id
 from rules.model import KindProfile
 
 log = logging.getLogger("streetbrain.pipeline")
@@ -89,6 +90,13 @@ class Pipeline:
                 for (device_id, _), row in series.rows.items():
                     if device_id == status.device_id:
                         outcome.alerts.extend(engine.mark_offline(row, now))
+        for kind, dropped in decoded.throttled.items():
+            # the first drop of a flood is also a dead letter, counted below
+            stats.rejected[(kind, "rate_limited")] += dropped - sum(
+                1 for d in decoded.floods_started if d.kind == kind)
+        for device in decoded.floods_started:
+            log.warning("device flooding: throttled", extra={"device": device.id, "kind": device.kind})
+            outcome.alerts.append(self._flood_event(device, "raised", now, now, 0))
         for letter in outcome.deadletters:
             kind = letter.kind if letter.kind in READING_MODELS else "_"
             for _, reason, _ in letter.problems:
@@ -122,12 +130,31 @@ class Pipeline:
         return evaluation.events
 
     def check_offline(self, now: float) -> list[AlertEvent]:
+        """Staleness of every kind, and floods that have calmed down (both on the gateway clock)."""
         events: list[AlertEvent] = []
         for engine in self.engines.values():
             engine.ensure_series()
             events.extend(engine.check_offline(now))
+        for device_id, started, dropped in self.decoder.limiter.calmed(now, self.config.ingest.flood_quiet_s):
+            device = self.registry.devices.get(device_id)
+            if device is not None:
+                events.append(self._flood_event(device, "cleared", now, started, dropped))
         self._count(events)
         return events
+
+    def _flood_event(self, device: Any, event: str, now: float, started: float, dropped: int) -> AlertEvent:
+        rate = self.config.ingest.device_rate_per_s
+        name = device.name or device.id
+        if event == "raised":
+            zh, en = f"{name} 消息过多，已限流（每秒超过 {rate:g} 条）", f"{name} is flooding: throttled (over {rate:g} messages/s)"
+        else:
+            zh, en = f"{name} 恢复正常（限流期间丢弃 {dropped} 条）", f"{name} back within limits ({dropped} messages dropped)"
+        return AlertEvent(
+            alert_id=alert_id(device.id, 0, "flooding", started), event=event,  # type: ignore[arg-type]
+            rule="flooding", kind=device.kind, severity="warning", previous_severity=None, site=device.site,
+            device_id=device.id, port=None, device_name=name, field="messages_per_s", value=float(dropped),
+            threshold=rate, op=">", unit="msg/s", ts=now, raised_ts=started, gateway_time=now,
+            message_zh=f"【警告·{EVENT_ZH[event]}】{zh}", message_en=f"[warning {event}] {en}")
 
     def _count(self, events: list[AlertEvent]) -> None:
         for event in events:

@@ -85,3 +85,20 @@ def test_nothing_a_device_sends_raises_and_every_reject_has_a_reason(topic, payl
         assert letter.reason != "internal_error", letter.problems
         orjson.loads(letter.to_json(0.0))
     assert p.stats.pipeline_errors == 0
+
+
+def test_a_flooding_device_is_throttled_once_flagged_and_cleared_when_it_calms_down(street_config):
+    config = street_config.model_copy(deep=True)
+    config.ingest.device_rate_per_s = 1
+    config.ingest.device_burst = 2
+    p = pipeline(config)
+    topic = topics.telemetry("wangma", "meter", "mtr-wangma-007")
+    now = 1_795_300_000.0
+    out = p.process([(topic, orjson.dumps({"ts": now + i, "temp_c": 30.0})) for i in range(6)], now)
+    assert p.stats.valid["meter"] == 2 and p.stats.rejected[("meter", "rate_limited")] == 4
+    assert [(a.rule, a.event) for a in out.alerts] == [("flooding", "raised")]
+    assert [d.reason for d in out.deadletters] == ["rate_limited"]
+    assert [a.rule for a in p.check_offline(now + 30)] == []  # still within the quiet time
+    cleared = [a for a in p.check_offline(now + 61) if a.rule == "flooding"]
+    assert [(a.event, a.value) for a in cleared] == [("cleared", 4.0)]
+    assert cleared[0].alert_id == out.alerts[0].alert_id

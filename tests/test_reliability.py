@@ -105,3 +105,28 @@ def test_broker_restart_with_persistence_the_gateway_reconnects_and_misses_nothi
         assert gateway.wait(20) == 0
     finally:
         broker.stop()
+
+
+def test_a_flooding_device_is_throttled_flagged_and_does_not_hold_up_a_fire_elsewhere(config, run_gateway, mqtt):
+    config.ingest.device_rate_per_s = 10
+    config.ingest.device_burst = 50
+    gateway = run_gateway(config).gateway
+    screen = mqtt([topics.ALERTS_FILTER, topics.DEADLETTER_FILTER])
+    flooder, neighbour = mqtt(), mqtt()
+    flood_topic = topics.telemetry("wangma", "meter", "mtr-wangma-066")
+    now = time.time()
+    for i in range(2000):  # as fast as the client can: far over 10 messages a second
+        flooder.client.publish(flood_topic, b'{"ts": %f, "temp_c": 30}' % (now + i * 0.001), qos=0)
+        if i == 1000:
+            sent = time.time()
+            neighbour.publish(topics.telemetry("wangma", "smoke", "smk-wangma-066"), {"ts": sent, "alarm": True})
+    messages = screen.collect(3.0)
+    [received] = [at for t, a, at in messages if "/alerts/" in t and a["device_id"] == "smk-wangma-066"]
+    assert received - sent < 1.0  # the neighbour's fire is not held up by the flood
+    flood_alerts = [a for t, a, _ in messages if "/alerts/" in t and a["rule"] == "flooding"]
+    assert [(a["device_id"], a["event"], a["severity"]) for a in flood_alerts] == [("mtr-wangma-066", "raised", "warning")]
+    letters = [a for t, a, _ in messages if "/deadletter/" in t and a["reason"] == "rate_limited"]
+    assert len(letters) == 1  # one dead letter for the flood, not one per message
+    dropped = gateway.stats.rejected[("meter", "rate_limited")]
+    accepted = gateway.stats.valid["meter"]
+    assert accepted + dropped == 2000 and 50 <= accepted < 200
