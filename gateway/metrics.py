@@ -25,6 +25,7 @@ class Stats(Collector):
         self.publish_failures = 0
         self.batches = 0
         self.ingest_queue_depth = 0
+        self.ingest_lag_s = 0.0
         self.telemetry: Any = None  # the telemetry sink, when a store is configured
 
     def snapshot(self) -> dict[str, dict[str, int]]:
@@ -70,6 +71,10 @@ class Stats(Collector):
         depth = GaugeMetricFamily("streetbrain_ingest_queue_depth", "Messages received and not yet processed")
         depth.add_metric([], self.ingest_queue_depth)
         yield depth
+        lag = GaugeMetricFamily("streetbrain_ingest_lag_seconds",
+                                "Gateway time minus the newest device time of the last batch (overload shows here first)")
+        lag.add_metric([], self.ingest_lag_s)
+        yield lag
         if self.telemetry is not None:
             for name, value in self.telemetry.state().items():
                 family = GaugeMetricFamily(f"streetbrain_telemetry_{name}", f"Telemetry store: {name.replace('_', ' ')}")

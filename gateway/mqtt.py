@@ -28,6 +28,7 @@ from paho.mqtt.properties import Properties
 from gateway.config import BrokerAddress, BrokerConfig
 
 log = logging.getLogger("streetbrain.mqtt")
+URGENT = "/smoke/"  # the topic level of the kind whose messages are processed first
 
 
 def _tls_context(config: BrokerConfig) -> ssl.SSLContext | None:
@@ -61,6 +62,9 @@ class Receiver:
         self.loop = loop
         self.wake = wake
         self.buffer: deque[Inbound] = deque()
+        # Smoke detectors' messages wait in a queue of their own and are taken first: under overload a
+        # fire is never queued behind bulk telemetry.
+        self.urgent: deque[Inbound] = deque()
         self.generation = 0
         self.connected = threading.Event()
         self.subscribed = asyncio.Event()
@@ -124,7 +128,8 @@ class Receiver:
     def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
         if self._paused:
             return
-        self.buffer.append(Inbound(message.topic, message.payload, message.mid, message.qos, self.generation))
+        inbound = Inbound(message.topic, message.payload, message.mid, message.qos, self.generation)
+        (self.urgent if URGENT in inbound.topic else self.buffer).append(inbound)
         if not self._signalled:
             self._signalled = True
             self.loop.call_soon_threadsafe(self.wake.set)
@@ -132,13 +137,17 @@ class Receiver:
     # -- asyncio side ------------------------------------------------------------------------
     def drain(self, limit: int) -> list[Inbound]:
         self._signalled = False
-        buffer, out = self.buffer, []
-        for _ in range(min(limit, len(buffer))):
-            out.append(buffer.popleft())
-        if buffer:  # more left: come straight back
+        out: list[Inbound] = []
+        for queue in (self.urgent, self.buffer):
+            for _ in range(min(limit - len(out), len(queue))):
+                out.append(queue.popleft())
+        if self.urgent or self.buffer:  # more left: come straight back
             self._signalled = True
             self.wake.set()
         return out
+
+    def __len__(self) -> int:
+        return len(self.urgent) + len(self.buffer)
 
     def ack(self, messages: list[Inbound]) -> None:
         generation = self.generation

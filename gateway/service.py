@@ -198,11 +198,14 @@ class Gateway:
     async def _process(self, receiver: Receiver, publisher: Publisher, everything: bool = False) -> None:
         while True:
             batch = receiver.drain(self.config.ingest.batch_max)
-            self.stats.ingest_queue_depth = len(receiver.buffer)
+            self.stats.ingest_queue_depth = len(receiver)
             if not batch:
                 return
             now = time.time()
             outcome = self._process_batch([(m.topic, m.payload) for m in batch], now)
+            if outcome.accepted:
+                # how far behind the devices the gateway is: gateway time − the newest device time taken
+                self.stats.ingest_lag_s = max(0.0, now - max(r.ts for _, _, _, r in outcome.accepted))
             if outcome.alerts:
                 # in the store before the readings are acknowledged: a crash loses no incident
                 await self.in_store(self.incidents.absorb, outcome.alerts, now)

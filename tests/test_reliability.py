@@ -130,3 +130,24 @@ def test_a_flooding_device_is_throttled_flagged_and_does_not_hold_up_a_fire_else
     dropped = gateway.stats.rejected[("meter", "rate_limited")]
     accepted = gateway.stats.valid["meter"]
     assert accepted + dropped == 2000 and 50 <= accepted < 200
+
+
+def test_smoke_messages_are_taken_before_bulk_telemetry_that_arrived_earlier():
+    import asyncio
+
+    from gateway.config import BrokerConfig, parse_broker_url
+    from gateway.mqtt import Receiver
+
+    class Message:
+        def __init__(self, topic: str, mid: int):
+            self.topic, self.payload, self.mid, self.qos = topic, b"{}", mid, 1
+
+    loop = asyncio.new_event_loop()
+    receiver = Receiver(BrokerConfig(), parse_broker_url("mqtt://127.0.0.1:1"), [], loop, asyncio.Event())
+    for mid in range(1, 6001):  # an overloaded gateway: 6,000 meter readings waiting…
+        receiver._on_message(None, None, Message(topics.telemetry("wangma", "meter", f"mtr-wangma-{mid % 700:03d}"), mid))
+    receiver._on_message(None, None, Message(topics.telemetry("wangma", "smoke", "smk-wangma-001"), 9999))  # …a fire
+    first = receiver.drain(5000)
+    assert first[0].topic.endswith("/smoke/smk-wangma-001/telemetry")
+    assert len(first) == 5000 and len(receiver) == 1001
+    loop.close()
