@@ -347,6 +347,9 @@ class Gateway:
         self.api_port = sockets[0].getsockname()[1] if sockets else int(port)
         log.info("API and dashboard listening", extra={"url": f"http://{host}:{self.api_port}/",
                                                         "operators": len(self.config.api.tokens)})
+        if not self.config.api.tokens:
+            log.warning("no API tokens configured: every /api/ request will be refused; set STREETBRAIN_API__TOKENS "
+                        "to '{\"<token>\": {\"operator\": \"<name>\", \"role\": \"dispatcher\"}}'")
         return task
 
     def poke_publisher(self) -> None:
