@@ -47,7 +47,8 @@ class EmbeddedBroker:
     """
 
     def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1",
-                 persistence: bool = True):
+                 persistence: bool = True, auth: tuple[Path, Path] | None = None):
+        self.auth = auth  # (password file, ACL file): anonymous access off; None: a rig for tests
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port or free_port(host)
@@ -67,6 +68,8 @@ class EmbeddedBroker:
         conf = CONF_TEMPLATE.read_text(encoding="utf-8").format(
             port=self.port, host=self.host, data_dir=self.data_dir.resolve(),
             persistence="true" if self.persistence else "false",
+            auth=(f"allow_anonymous false\npassword_file {self.auth[0]}\nacl_file {self.auth[1]}" if self.auth
+                  else "allow_anonymous true"),
         )
         if os.geteuid() == 0:
             # Run as whoever started us: Mosquitto would otherwise drop root for the "mosquitto"
@@ -74,6 +77,7 @@ class EmbeddedBroker:
             conf += "\nuser root\n"
         path = self.data_dir / "mosquitto.conf"
         path.write_text(conf, encoding="utf-8")
+        os.chmod(path, 0o600)
         return path
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedBroker:

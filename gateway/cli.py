@@ -167,8 +167,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     street = Street(config.devices, seed=args.seed, event_every_s=args.event_every)
 
     async def main(stop: asyncio.Event) -> int:
+        user, password = _account(config, "simulator")
         sent = await run_street(street, address.host, address.port, interval_s=args.interval, stop=stop,
-                                duration_s=args.duration,
+                                duration_s=args.duration, username=user, password=password,
                                 on_event=lambda e: console.print(f"[yellow]inject[/] {e.describe()}"),
                                 on_round=lambda n: console.print(f"published {n} messages", highlight=False))
         console.print(f"done: {sent} messages")
@@ -237,14 +238,25 @@ def cmd_watch(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     address = parse_broker_url(url)
     view = Watch(site=args.site, kind=args.kind, severity=args.severity)
-    return _run_until_signal(lambda stop: _watch(watch, address, view, stop))
+    account = _account(config, "operator")
+    return _run_until_signal(lambda stop: _watch(watch, address, view, stop, account))
 
 
-async def _watch(watch: Any, address: Any, view: Any, stop: asyncio.Event) -> int:
+def _account(config: Config, who: str) -> tuple[str | None, str | None]:
+    """The broker account to use: the configured one, else streetbrain's own on its embedded broker."""
+    from gateway import security
+
+    if config.broker.username:
+        return config.broker.username, config.broker.password.get_secret_value() if config.broker.password else None
+    user = security.OPERATOR_USER if who == "operator" else security.SIMULATOR_USER
+    return security.account(config.state_dir, user)
+
+
+async def _watch(watch: Any, address: Any, view: Any, stop: asyncio.Event, account: tuple[str | None, str | None]) -> int:
     import aiomqtt
 
     try:
-        await watch(address.host, address.port, view, stop)
+        await watch(address.host, address.port, view, stop, username=account[0], password=account[1])
     except aiomqtt.MqttError as exc:
         print(f"streetbrain watch: cannot follow {address}: {exc}", file=sys.stderr)
         return EXIT_FAILURE

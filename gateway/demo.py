@@ -12,7 +12,7 @@ import aiomqtt
 import orjson
 from rich.console import Console
 
-from gateway import topics
+from gateway import security, topics
 from gateway.broker import reachable
 from gateway.config import Config, Operator
 from gateway.service import Gateway
@@ -44,10 +44,12 @@ def format_incident(incident: dict) -> str:
             f"→ {who}{due}")
 
 
-async def watch_alerts(host: str, port: int, console: Console, counts: Counter[str], stop: asyncio.Event) -> None:
+async def watch_alerts(host: str, port: int, console: Console, counts: Counter[str], stop: asyncio.Event,
+                       username: str | None = None, password: str | None = None) -> None:
     """Follow alerts and incidents like any operator console would, on a connection of its own."""
     incidents = f"{topics.ROOT}/+/incidents/#"
-    async with aiomqtt.Client(host, port, identifier=f"streetbrain-demo-watch-{time.time_ns() % 10**9}") as client:
+    async with aiomqtt.Client(host, port, identifier=f"streetbrain-demo-watch-{time.time_ns() % 10**9}",
+                              username=username, password=password) as client:
         await client.subscribe(topics.ALERTS_FILTER, qos=1)
         await client.subscribe(incidents, qos=1)
         async for message in client.messages:
@@ -99,9 +101,12 @@ async def demo(config: Config, args: argparse.Namespace, stop: asyncio.Event) ->
     def on_event(event: Event) -> None:
         console.print(f"[magenta]simulator[/] injects {event.describe()}", highlight=False)
 
-    watcher = asyncio.create_task(watch_alerts(host, port, console, counts, stop), name="watch")
+    operator = security.account(config.state_dir, security.OPERATOR_USER) if gateway.embedded else (None, None)
+    rig = security.account(config.state_dir, security.SIMULATOR_USER) if gateway.embedded else (None, None)
+    watcher = asyncio.create_task(watch_alerts(host, port, console, counts, stop, *operator), name="watch")
     simulator = asyncio.create_task(
-        run_street(street, host, port, interval_s=args.interval, stop=stop, on_event=on_event), name="simulator")
+        run_street(street, host, port, interval_s=args.interval, stop=stop, on_event=on_event,
+                   username=rig[0], password=rig[1]), name="simulator")
     if args.duration:
         try:
             await asyncio.wait_for(stop.wait(), args.duration)

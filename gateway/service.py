@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from gateway import topics
+from pydantic import SecretStr
+
+from gateway import security, topics
 from gateway.broker import EmbeddedBroker, reachable
 from gateway.config import BrokerAddress, Config, parse_broker_url
 from gateway.metrics import Stats
@@ -42,14 +44,25 @@ def resolve_broker(config: Config, override: str | None) -> tuple[BrokerAddress,
     """
     url = override or config.broker.url
     if url is None:
-        broker = EmbeddedBroker(config.state_dir / "mosquitto")
+        broker = EmbeddedBroker(config.state_dir / "mosquitto", auth=_secure(config))
         return parse_broker_url(broker.url), broker
     address = parse_broker_url(url)
     if address.is_loopback and not address.tls and not reachable(address.host, address.port):
         log.info("no broker answers on %s; starting an embedded one there", address)
         return address, EmbeddedBroker(config.state_dir / "mosquitto", port=address.port,
-                                       host="127.0.0.1" if address.host == "localhost" else address.host)
+                                       host="127.0.0.1" if address.host == "localhost" else address.host,
+                                       auth=_secure(config))
     return address, None
+
+
+def _secure(config: Config) -> tuple[Path, Path]:
+    """Credentials and ACL for the embedded broker, from the registry; the gateway logs in with its own."""
+    credentials = security.load_or_create(config.state_dir, config.devices)
+    auth = security.broker_auth(config.state_dir / "mosquitto", credentials, config.devices)
+    if config.broker.username is None:
+        config.broker.username = security.GATEWAY_USER
+        config.broker.password = SecretStr(credentials.gateway)
+    return auth
 
 
 @dataclass

@@ -75,9 +75,11 @@ class Watch:
         return Group(alerts, board)
 
 
-async def watch(host: str, port: int, view: Watch, stop: asyncio.Event, refresh_s: float = 1.0) -> None:
+async def watch(host: str, port: int, view: Watch, stop: asyncio.Event, refresh_s: float = 1.0,
+                username: str | None = None, password: str | None = None) -> None:
     incidents = f"{topics.ROOT}/+/incidents/#"
-    async with aiomqtt.Client(host, port, identifier=f"streetbrain-watch-{time.time_ns() % 10**9}") as client:
+    async with aiomqtt.Client(host, port, identifier=f"streetbrain-watch-{time.time_ns() % 10**9}",
+                              username=username, password=password) as client:
         await client.subscribe(topics.ALERTS_FILTER, qos=1)
         await client.subscribe(incidents, qos=1)
         with Live(view.render(), refresh_per_second=2, screen=False) as live:

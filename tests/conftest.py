@@ -140,10 +140,13 @@ def run_gateway() -> Iterator[Any]:
 class MqttClient:
     """A plain paho client for tests: publishes like a device, collects like an operator screen."""
 
-    def __init__(self, broker: EmbeddedBroker, subscribe: list[str] = ()):
+    def __init__(self, broker: EmbeddedBroker, subscribe: list[str] = (), username: str | None = None,
+                 password: str | None = None):
         self.messages: queue.Queue[tuple[str, dict[str, Any], float]] = queue.Queue()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{next(_ids)}-{time.time_ns()}",
                                   protocol=paho.MQTTv5)
+        if username is not None:
+            self.client.username_pw_set(username, password)
         self.client.on_message = lambda c, u, m: self.messages.put((m.topic, orjson.loads(m.payload), time.time()))
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *a: subscribed.set()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import topics
+from gateway import security, topics
 from gateway.broker import EmbeddedBroker, free_port, reachable
 from tests.conftest import ROOT, MqttClient
 
@@ -48,8 +48,10 @@ def test_run_starts_its_own_broker_on_a_silent_loopback_port_alerts_and_stops_cl
         wait_for_line(process, "gateway ready")
         assert reachable("127.0.0.1", port)
         broker = EmbeddedBroker(tmp_path, port=port)  # only an address book for the test client
-        screen = MqttClient(broker, [topics.ALERTS_FILTER])
-        device = MqttClient(broker)
+        credentials = security.load(tmp_path / "var")
+        assert credentials is not None
+        screen = MqttClient(broker, [topics.ALERTS_FILTER], security.OPERATOR_USER, credentials.operator)
+        device = MqttClient(broker, username="smk-wangma-007", password=credentials.devices["smk-wangma-007"])
         device.publish(topics.telemetry("wangma", "smoke", "smk-wangma-007"), {"ts": time.time(), "alarm": True})
         _, alert, _ = screen.wait_for(lambda t, a: a["device_id"] == "smk-wangma-007", timeout_s=2)
         assert alert["severity"] == "critical"
