@@ -50,7 +50,7 @@ class BrokerConfig(Section):
     session_expiry_s: int = Field(default=86400, ge=0, le=2**32 - 1)
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     receive_maximum: int = Field(
-        default=2000, ge=1, le=65535,
+        default=65535, ge=1, le=65535,
         description="unacknowledged QoS 1 messages the broker may send us at once: the ingest queue bound",
     )
 
@@ -215,8 +215,9 @@ class IngestConfig(Section):
 
 
 class DetectionConfig(Section):
-    snapshot_interval_s: float = Field(default=30.0, gt=0,
-                                       description="detector state is written to state_dir this often and at exit")
+    snapshot_interval_s: float = Field(default=1.0, gt=0,
+                                       description="detector state is written to state_dir this often and at exit; "
+                                                   "readings are acknowledged to the broker once a snapshot holds them")
     offline_check_interval_s: float = Field(default=5.0, gt=0,
                                             description="staleness is checked this often (gateway clock)")
 

@@ -76,6 +76,7 @@ class Gateway:
         # accepted readings are kept: for the telemetry store and the dashboard's recent readings
         self.pipeline = Pipeline(self.config, self.registry, self.stats, keep_readings=True)
         self.receiver: Receiver | None = None
+        self.unacked: list[Any] = []  # processed, waiting for the snapshot that includes them
         self.recent_alerts: deque[dict[str, Any]] = deque(maxlen=RECENT_ALERTS)
         self.readings_buffer: dict[str, deque[tuple[float, int, dict[str, Any]]]] = {}
         self._poke: asyncio.Event | None = None
@@ -154,7 +155,7 @@ class Gateway:
         publisher.start()
         receiver.start()
         stats_task = asyncio.create_task(self._log_stats(stop), name="stats")
-        housekeeping = asyncio.create_task(self._housekeeping(stop, publisher), name="housekeeping")
+        housekeeping = asyncio.create_task(self._housekeeping(stop, publisher, receiver), name="housekeeping")
         log.info("gateway starting broker=%s devices=%d series=%s", self.address, len(self.registry.devices),
                  {k: len(s) for k, s in self.registry.series.items()})
         stopping = asyncio.create_task(stop.wait())
@@ -192,6 +193,7 @@ class Gateway:
             except TimeoutError:
                 log.error("shutdown: could not publish the last alerts within %.0f s; "
                           "the broker redelivers their readings on restart", SHUTDOWN_FLUSH_S)
+            await self._commit(receiver)  # the last snapshot, then the last acknowledgements
             await asyncio.to_thread(receiver.stop)
             if api_task is not None:
                 self.api_server.should_exit = True
@@ -201,7 +203,6 @@ class Gateway:
             await asyncio.gather(housekeeping, return_exceptions=True)
             stopping.cancel()
             await publisher.stop()
-            self.write_snapshot()
             await self.in_store(self.incidents.db.close)
             self.db_thread.shutdown()
             if self.telemetry is not None:
@@ -228,7 +229,8 @@ class Gateway:
             self._remember(outcome)
             await self._publish(outcome, publisher, now)
             await self._publish_incident_changes(publisher)
-            receiver.ack(batch)
+            # acknowledged once a snapshot holds what these readings did (see _commit)
+            self.unacked.extend(batch)
             self.stats.publish_failures = publisher.failures
             if not everything:
                 return
@@ -283,11 +285,30 @@ class Gateway:
         if out:
             await publisher.publish_many(out)
 
-    async def _housekeeping(self, stop: asyncio.Event, publisher: Publisher) -> None:
+    async def _commit(self, receiver: Receiver) -> None:
+        """Snapshot the detector state, then acknowledge the readings it includes.
+
+        Acknowledging a reading only once its effects are on disk is what makes a kill lose nothing:
+        whatever was not acknowledged is delivered again and replayed onto exactly the state it last
+        saw (a group commit, one per snapshot interval; the broker's receive window covers the wait).
+        """
+        covered = len(self.unacked)
+        arrays = {k: v.copy() for k, v in self.pipeline.snapshot().items()}
+        try:
+            await asyncio.to_thread(self.write_snapshot, arrays)
+        except OSError as exc:
+            log.error("could not write the detector snapshot; readings stay unacknowledged",
+                      extra={"error": str(exc)})
+            return
+        receiver.ack(self.unacked[:covered])
+        del self.unacked[:covered]
+
+    async def _housekeeping(self, stop: asyncio.Event, publisher: Publisher, receiver: Receiver) -> None:
         """On the gateway clock: staleness, SLA clocks, incident changes made elsewhere, snapshots."""
         detection, incidents = self.config.detection, self.config.incidents
         loop = asyncio.get_running_loop()
-        tick = min(detection.offline_check_interval_s, incidents.sla_check_interval_s, 1.0)
+        tick = min(detection.offline_check_interval_s, incidents.sla_check_interval_s,
+                   detection.snapshot_interval_s, 1.0)
         next_offline = loop.time() + detection.offline_check_interval_s
         next_sla = loop.time()
         next_snapshot = loop.time() + detection.snapshot_interval_s
@@ -314,11 +335,7 @@ class Gateway:
             await self._publish_incident_changes(publisher)  # ours, and the command line's, the API's…
             if t >= next_snapshot:
                 next_snapshot = t + detection.snapshot_interval_s
-                arrays = {k: v.copy() for k, v in self.pipeline.snapshot().items()}
-                try:
-                    await asyncio.to_thread(self.write_snapshot, arrays)
-                except OSError as exc:
-                    log.error("could not write the detector snapshot", extra={"error": str(exc)})
+                await self._commit(receiver)
 
     async def _publish_incident_changes(self, publisher: Publisher) -> None:
         """Every audit line not yet published, as the incident's current state, retained on
