@@ -40,8 +40,9 @@ def format_incident(incident: dict) -> str:
     who = f"{incident['team'] or '-'}" + (f" + {incident['fire_station']}" if incident["fire_station"] else "")
     deadline = incident.get("dispatch_deadline")
     due = f", dispatch by {time.strftime('%H:%M:%S', time.localtime(deadline))}" if deadline else ""
-    return (f"{clock} [bold magenta]INCIDENT[/] {change['action']:<8} {incident['id']}  {incident['title_zh']}  "
-            f"→ {who}{due}")
+    repeat = f" ×{incident['occurrences']}" if change["action"] == "occurrence" else ""
+    return (f"{clock} [bold magenta]INCIDENT[/] {change['action']:<8} {incident['id']}{repeat}  "
+            f"{incident['title_zh']}  → {who}{due}")
 
 
 async def watch_alerts(host: str, port: int, console: Console, counts: Counter[str], stop: asyncio.Event,
@@ -58,8 +59,10 @@ async def watch_alerts(host: str, port: int, console: Console, counts: Counter[s
             except orjson.JSONDecodeError:
                 continue
             if message.topic.matches(incidents):
-                if not message.retain and body.get("change", {}).get("action") in ("opened", "sla_breach"):
-                    counts["incidents"] += 1
+                action = body.get("change", {}).get("action")
+                if not message.retain and action in ("opened", "occurrence", "escalated", "sla_warning", "sla_breach"):
+                    # a repeat on an incident still open (from this run or the last) is an occurrence
+                    counts["incidents" if action == "opened" else "incident updates"] += 1
                     console.print(format_incident(body), highlight=False)
             else:
                 counts[body.get("event", "?")] += 1
@@ -118,7 +121,8 @@ async def demo(config: Config, args: argparse.Namespace, stop: asyncio.Event) ->
     await gateway_task
     console.rule()
     console.print(f"published {published} readings; alerts raised {counts['raised']}, updated {counts['updated']}, "
-                  f"cleared {counts['cleared']}; incidents opened {counts['incidents']}; "
+                  f"cleared {counts['cleared']}; incidents opened {counts['incidents']}, updated "
+                  f"{counts['incident updates']}; "
                   f"rejected {sum(gateway.stats.rejected.values())}")
     console.print("the queue: streetbrain incidents list --open; streetbrain report", highlight=False)
     return 0
