@@ -151,3 +151,30 @@ def test_smoke_messages_are_taken_before_bulk_telemetry_that_arrived_earlier():
     assert first[0].topic.endswith("/smoke/smk-wangma-001/telemetry")
     assert len(first) == 5000 and len(receiver) == 1001
     loop.close()
+
+
+def test_under_overload_the_queue_stays_bounded_lag_shows_and_a_fire_overtakes_the_bulk(config, run_gateway, mqtt):
+    config.ingest.device_rate_per_s = 0  # this test's meters are allowed to shout
+    config.ingest.batch_max = 500
+    config.broker.receive_maximum = 40000
+    run_gateway(config).stop()  # its session stays: the broker queues what comes next
+    device = mqtt()
+    bulk = 30000
+    t0 = time.time() - 120
+    for i in range(bulk):  # a backlog far beyond one wake-up's work…
+        device.client.publish(topics.telemetry("wangma", "meter", f"mtr-wangma-{1 + i % 250:03d}"),
+                              b'{"ts": %.3f, "temp_c": 30}' % (t0 + i * 0.001), qos=1)
+    device.publish(topics.telemetry("wangma", "smoke", "smk-wangma-077"), {"ts": time.time(), "alarm": True})  # …then a fire
+    screen = mqtt([topics.ALERTS_FILTER])
+    gateway = run_gateway(config).gateway
+    _, alert, _ = screen.wait_for(lambda t, a: a["device_id"] == "smk-wangma-077", timeout_s=30)
+    processed_when_fire_came = gateway.stats.valid["meter"]
+    deepest = gateway.stats.ingest_queue_depth
+    deadline = time.monotonic() + 60
+    while gateway.stats.valid["meter"] < bulk and time.monotonic() < deadline:
+        deepest = max(deepest, gateway.stats.ingest_queue_depth)
+        time.sleep(0.02)
+    assert processed_when_fire_came < bulk / 2  # the fire was taken before the bulk that came first
+    assert gateway.stats.valid["meter"] == bulk, dict(gateway.stats.rejected)  # all processed: nothing dropped
+    assert 0 < deepest <= config.broker.receive_maximum  # the broker's receive window bounds the queue
+    assert gateway.stats.ingest_lag_s > 1  # the device times were old: the lag is visible
