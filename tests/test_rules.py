@@ -7,7 +7,6 @@ import math
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
