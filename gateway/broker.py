@@ -47,8 +47,10 @@ class EmbeddedBroker:
     """
 
     def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1",
-                 persistence: bool = True, auth: tuple[Path, Path] | None = None):
+                 persistence: bool = True, auth: tuple[Path, Path] | None = None,
+                 tls: tuple[Path, Path, Path] | None = None):
         self.auth = auth  # (password file, ACL file): anonymous access off; None: a rig for tests
+        self.tls = tls  # (CA certificate, certificate, key): the listener speaks TLS only
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port or free_port(host)
@@ -57,7 +59,7 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -69,7 +71,9 @@ class EmbeddedBroker:
             port=self.port, host=self.host, data_dir=self.data_dir.resolve(),
             persistence="true" if self.persistence else "false",
             auth=(f"allow_anonymous false\npassword_file {self.auth[0]}\nacl_file {self.auth[1]}" if self.auth
-                  else "allow_anonymous true"),
+                  else "allow_anonymous true")
+            + (f"\ncafile {self.tls[0]}\ncertfile {self.tls[1]}\nkeyfile {self.tls[2]}\ntls_version tlsv1.2"
+               if self.tls else ""),
         )
         if os.geteuid() == 0:
             # Run as whoever started us: Mosquitto would otherwise drop root for the "mosquitto"

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="mean seconds between injected events (default 20)")
     demo.add_argument("--duration", type=_positive, metavar="S", help="stop after this many seconds")
     demo.add_argument("--seed", type=int, default=1, help="random seed of the simulated street")
+    demo.add_argument("--tls", action="store_true",
+                      help="the embedded broker speaks TLS only, with a local CA made in state_dir/tls")
 
     simulate = verbs.add_parser("simulate", help="publish a simulated street to a broker",
                                 description="Publish readings for every device of the registry to the broker.")

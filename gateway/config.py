@@ -46,6 +46,8 @@ class BrokerConfig(Section):
     username: str | None = None
     password: SecretStr | None = None
     tls: TlsConfig | None = None
+    embedded_tls: bool = Field(default=False, description="the embedded broker listens with TLS only, with "
+                               "certificates from a local CA made in state_dir/tls (ca.crt is what devices trust)")
     client_id: str = Field(default="streetbrain-gateway", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     session_expiry_s: int = Field(default=86400, ge=0, le=2**32 - 1)
     keepalive_s: int = Field(default=30, ge=5, le=3600)

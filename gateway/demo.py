@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
+import ssl
 import time
 from collections import Counter
+from typing import Any
 
 import aiomqtt
 import orjson
@@ -46,11 +48,11 @@ def format_incident(incident: dict) -> str:
 
 
 async def watch_alerts(host: str, port: int, console: Console, counts: Counter[str], stop: asyncio.Event,
-                       username: str | None = None, password: str | None = None) -> None:
+                       username: str | None = None, password: str | None = None, tls_context: Any = None) -> None:
     """Follow alerts and incidents like any operator console would, on a connection of its own."""
     incidents = f"{topics.ROOT}/+/incidents/#"
     async with aiomqtt.Client(host, port, identifier=f"streetbrain-demo-watch-{time.time_ns() % 10**9}",
-                              username=username, password=password) as client:
+                              username=username, password=password, tls_context=tls_context) as client:
         await client.subscribe(topics.ALERTS_FILTER, qos=1)
         await client.subscribe(incidents, qos=1)
         async for message in client.messages:
@@ -74,6 +76,7 @@ async def watch_alerts(host: str, port: int, console: Console, counts: Counter[s
 async def demo(config: Config, args: argparse.Namespace, stop: asyncio.Event) -> int:
     console = Console()
     demo_token = None
+    config.broker.embedded_tls = config.broker.embedded_tls or args.tls
     if not config.api.tokens:
         # nobody configured: a token for this session only, so the dashboard can be tried at once
         demo_token = secrets.token_urlsafe(12)
@@ -106,10 +109,13 @@ async def demo(config: Config, args: argparse.Namespace, stop: asyncio.Event) ->
 
     operator = security.account(config.state_dir, security.OPERATOR_USER) if gateway.embedded else (None, None)
     rig = security.account(config.state_dir, security.SIMULATOR_USER) if gateway.embedded else (None, None)
-    watcher = asyncio.create_task(watch_alerts(host, port, console, counts, stop, *operator), name="watch")
+    context = (ssl.create_default_context(cafile=str(config.state_dir / "tls" / "ca.crt"))
+               if gateway.embedded is not None and gateway.embedded.tls else None)
+    watcher = asyncio.create_task(watch_alerts(host, port, console, counts, stop, *operator, tls_context=context),
+                                  name="watch")
     simulator = asyncio.create_task(
         run_street(street, host, port, interval_s=args.interval, stop=stop, on_event=on_event,
-                   username=rig[0], password=rig[1]), name="simulator")
+                   username=rig[0], password=rig[1], tls_context=context), name="simulator")
     if args.duration:
         try:
             await asyncio.wait_for(stop.wait(), args.duration)

@@ -44,7 +44,7 @@ def resolve_broker(config: Config, override: str | None) -> tuple[BrokerAddress,
     """
     url = override or config.broker.url
     if url is None:
-        broker = EmbeddedBroker(config.state_dir / "mosquitto", auth=_secure(config))
+        broker = EmbeddedBroker(config.state_dir / "mosquitto", auth=_secure(config), tls=_tls(config))
         return parse_broker_url(broker.url), broker
     address = parse_broker_url(url)
     if address.is_loopback and not address.tls and not reachable(address.host, address.port):
@@ -53,6 +53,19 @@ def resolve_broker(config: Config, override: str | None) -> tuple[BrokerAddress,
                                        host="127.0.0.1" if address.host == "localhost" else address.host,
                                        auth=_secure(config))
     return address, None
+
+
+def _tls(config: Config) -> tuple[Path, Path, Path] | None:
+    """The embedded broker's certificates when it is to speak TLS; the gateway then trusts its CA."""
+    if not config.broker.embedded_tls:
+        return None
+    from gateway.config import TlsConfig
+    from gateway.tls import local_ca
+
+    ca, cert, key = local_ca(config.state_dir / "tls")
+    if config.broker.tls is None:
+        config.broker.tls = TlsConfig(ca_file=ca)
+    return ca, cert, key
 
 
 def _secure(config: Config) -> tuple[Path, Path]:

@@ -153,7 +153,8 @@ async def run_street(street: Street, host: str, port: int, *, interval_s: float,
                      duration_s: float | None = None, clock: Callable[[], float] | None = None,
                      on_event: Callable[[Event], None] | None = None,
                      on_round: Callable[[int], None] | None = None,
-                     username: str | None = None, password: str | None = None) -> int:
+                     username: str | None = None, password: str | None = None,
+                     tls_context: Any = None) -> int:
     """Publish one round of readings every ``interval_s`` until ``stop`` (or ``duration_s``).
 
     Returns the number of messages published.
@@ -163,7 +164,8 @@ async def run_street(street: Street, host: str, port: int, *, interval_s: float,
     deadline = loop.time() + duration_s if duration_s else math.inf
     sent = 0
     async with aiomqtt.Client(host, port, identifier=f"streetbrain-sim-{street.rng.randint(0, 1 << 30)}",
-                              username=username, password=password, max_queued_outgoing_messages=0) as client:
+                              username=username, password=password, tls_context=tls_context,
+                              max_queued_outgoing_messages=0) as client:
         while not stop.is_set() and loop.time() < deadline:
             started = loop.time()
             now = clock()
