@@ -28,12 +28,13 @@ from gateway.incidents.store import Database
 from gateway.telemetry.sink import TelemetrySink
 from gateway.pipeline import Outcome, Pipeline
 from gateway.registry import Registry
+from gateway.schemas import READING_MODELS
 
 log = logging.getLogger("streetbrain.gateway")
 
 SHUTDOWN_FLUSH_S = 10.0
 RECENT_ALERTS = 1000  # alert events kept for /api/alerts
-RECENT_READINGS = 240  # readings kept per device for the dashboard's chart (4 h of one a minute)
+RECENT_READINGS = 120  # readings kept per device for the dashboard's chart (2 h of one a minute)
 
 
 def resolve_broker(config: Config, override: str | None) -> tuple[BrokerAddress, EmbeddedBroker | None]:
@@ -405,18 +406,25 @@ class Gateway:
                 listener.put_nowait(item)
 
     def _remember(self, outcome: Outcome) -> None:
-        """The last readings of each device, for the dashboard's chart when no store is configured."""
+        """The last readings of each device, for the dashboard's chart when no store is configured:
+        compact tuples of the kind's fields (names are added when read, not per reading)."""
         buffers = self.readings_buffer
-        for _, _, device_id, reading in outcome.accepted:
+        for kind, _, device_id, reading in outcome.accepted:
             buffer = buffers.get(device_id)
             if buffer is None:
                 buffer = buffers[device_id] = deque(maxlen=RECENT_READINGS)
             buffer.append((reading.ts, getattr(reading, "port", 0) or 0,
-                           reading.model_dump(exclude={"ts", "seq", "device_id", "port"}, exclude_none=True)))
+                           tuple(getattr(reading, name) for name in READING_MODELS[kind].FIELDS)))
+
+    def _reading_view(self, kind: str, ts: float, port: int, values: tuple[Any, ...]) -> dict[str, Any]:
+        fields = READING_MODELS[kind].FIELDS
+        return {"ts": ts, **({"port": port} if port else {}),
+                **{name: value for name, value in zip(fields, values) if value is not None}}
 
     def recent_readings(self, device_id: str, limit: int) -> list[dict[str, Any]]:
+        kind = self.registry.devices[device_id].kind
         buffer = self.readings_buffer.get(device_id, ())
-        return [{"ts": ts, **({"port": port} if port else {}), **fields} for ts, port, fields in list(buffer)[-limit:]]
+        return [self._reading_view(kind, *entry) for entry in list(buffer)[-limit:]]
 
     def device_views(self, kind: str | None = None, site: str | None = None) -> list[dict[str, Any]]:
         out = []
@@ -442,10 +450,7 @@ class Gateway:
                 if device.kind != kind_name or (site is not None and device.site != site):
                     continue
                 buffer = self.readings_buffer.get(device.id)
-                last = None
-                if buffer:
-                    ts, port, fields = buffer[-1]
-                    last = {"ts": ts, **({"port": port} if port else {}), **fields}
+                last = self._reading_view(kind_name, *buffer[-1]) if buffer else None
                 alerts = active.get(device.id, [])
                 if device.id in offline:
                     alerts.append({"rule": "offline", "severity": self.config.kinds[kind_name].offline.severity
