@@ -81,7 +81,7 @@ def test_watch_follows_alerts_and_incidents_on_the_broker(config, run_gateway, m
     watcher = subprocess.Popen([sys.executable, "-m", "gateway.cli", "watch", "--broker", config.broker.url,
                                 "--kind", "smoke"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env={**os.environ, "COLUMNS": "200"})
-    time.sleep(1.5)
+    time.sleep(3.0)  # the watcher starts a Python process and subscribes: leave it the time on a busy machine
     mqtt().publish(topics.telemetry("fengqi", "smoke", "smk-fengqi-031"), {"ts": time.time(), "alarm": True})
     mqtt().publish(topics.telemetry("wangma", "meter", "mtr-wangma-031"), {"ts": time.time(), "temp_c": 80.0})
     time.sleep(2.0)
