@@ -2,7 +2,7 @@
 one-reading-at-a-time reference (tests/reference.py) measured in the same run, and state bytes per
 device.
 
-    .venv/bin/python bench/detectors.py [--sizes 1000,10000,100000] [--batches 20] [--cpu 0]
+    .venv/bin/python -m bench.detectors [--sizes 1000,10000,100000] [--batches 20] [--cpu 0]
 
 Each profile run feeds batches of one reading per device (the shape the gateway hands over after a
 wake-up) with 1% of readings over a threshold; the time is wall time on one core (pinned with
@@ -14,24 +14,23 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from detectors import flapping, runs  # noqa: E402
-from detectors.cusum import Cusum  # noqa: E402
-from detectors.rebound import Rebound  # noqa: E402
-from detectors.compare import compare  # noqa: E402
-from detectors.window import Ring, aggregate  # noqa: E402
-from gateway.config import load_config  # noqa: E402
-from gateway.schemas import READING_MODELS  # noqa: E402
-from rules.engine import ColumnBatch, KindEngine  # noqa: E402
-from tests.reference import ReferenceRule  # noqa: E402
+from detectors import flapping, runs
+from detectors.cusum import Cusum
+from detectors.rebound import Rebound
+from detectors.compare import compare
+from detectors.window import Ring, aggregate
+from gateway.config import load_config
+from gateway.schemas import READING_MODELS
+from rules.engine import ColumnBatch, KindEngine
+from tests.reference import ReferenceRule
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CONFIG = load_config(ROOT / "config.yaml", env={})
 T0 = 1.8e9

@@ -1,6 +1,6 @@
 """Incident queue throughput on SQLite and PostgreSQL, next to a raw INSERT of the same rows.
 
-    .venv/bin/python bench/incidents.py [--alerts 3000] [--no-postgres]
+    .venv/bin/python -m bench.incidents [--alerts 3000] [--no-postgres]
 
 Measures, per store, in one run: alerts absorbed per second (a mix of new incidents and repeat
 occurrences), one alert per call and 100 per call (a busy gateway's batch: one transaction), lifecycle
@@ -12,18 +12,17 @@ INSERTs into a table of the same width, one transaction each.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from gateway.config import load_config  # noqa: E402
-from gateway.incidents.queue import IncidentQueue  # noqa: E402
-from gateway.incidents.store import Database  # noqa: E402
-from tests.test_incidents import alert  # noqa: E402
+from gateway.config import load_config
+from gateway.incidents.queue import IncidentQueue
+from gateway.incidents.store import Database
+from tests.test_incidents import alert
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CONFIG = load_config(ROOT / "config.yaml", env={})
 T0 = 1.8e9

@@ -1,7 +1,7 @@
 """Soak: a steady QoS 1 stream while the gateway is killed (SIGKILL) and the broker restarted, then an
 account of what was published, processed, lost and duplicated.
 
-    .venv/bin/python bench/soak.py [--rate 200] [--duration 60] [--kills 3] [--broker-restarts 2]
+    .venv/bin/python -m bench.soak [--rate 200] [--duration 60] [--kills 3] [--broker-restarts 2]
 
 Every reading flips a meter box between 30 °C and 80 °C, so every reading is an alert event (raised or
 cleared; flapping hold switched off for the soak) and lands in the incident store exactly once if
@@ -24,15 +24,15 @@ from pathlib import Path
 
 import yaml
 
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from gateway import topics
+from gateway.broker import EmbeddedBroker, free_port
+from gateway.incidents.store import Database
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import paho.mqtt.client as paho  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
-
-from gateway import topics  # noqa: E402
-from gateway.broker import EmbeddedBroker, free_port  # noqa: E402
-from gateway.incidents.store import Database  # noqa: E402
 
 METERS = [f"mtr-wangma-{n:03d}" for n in range(1, 51)]
 

@@ -2,28 +2,26 @@
 batch, write) next to influxdb-client writing the same points directly, in the same run, against a
 VictoriaMetrics (Debian's victoria-metrics, a server of InfluxDB's v2 write API) started for it.
 
-    .venv/bin/python bench/store.py [--readings 100000]
+    .venv/bin/python -m bench.store [--readings 100000]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from influxdb_client import InfluxDBClient  # noqa: E402
-from influxdb_client.client.write_api import SYNCHRONOUS  # noqa: E402
+from influxdb_client import InfluxDBClient
+from influxdb_client.client.write_api import SYNCHRONOUS
 
-from gateway.config import InfluxConfig  # noqa: E402
-from gateway.schemas import MeterReading  # noqa: E402
-from gateway.telemetry import points  # noqa: E402
-from gateway.telemetry.sink import TelemetrySink  # noqa: E402
-from tests.victoria import VictoriaMetrics  # noqa: E402
+from gateway.config import InfluxConfig
+from gateway.schemas import MeterReading
+from gateway.telemetry import points
+from gateway.telemetry.sink import TelemetrySink
+from tests.victoria import VictoriaMetrics
+
 
 T0 = 1.8e9
 

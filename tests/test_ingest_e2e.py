@@ -156,4 +156,4 @@ def test_a_reading_that_trips_a_bug_in_detection_costs_only_itself(config, run_g
     received = screen.collect(1.5)
     assert [(a["device_id"], a["rule"]) for t, a, _ in received if "/alerts/" in t] == [("mtr-wangma-003", "meter_overheat")]
     letters = [a for t, a, _ in received if "/deadletter/" in t]
-    assert [(l["device_id"], l["reason"]) for l in letters] == [("mtr-wangma-002", "internal_error")]
+    assert [(letter["device_id"], letter["reason"]) for letter in letters] == [("mtr-wangma-002", "internal_error")]

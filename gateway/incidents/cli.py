@@ -49,17 +49,15 @@ def add_parsers(verbs: Any, common: Any) -> None:
                                  description="The incident queue from a shell: list, show, and every lifecycle action. "
                                              "Actions are recorded with --actor (default: your login).")
     common(incidents, mqtt=False)
-    sub = incidents.add_subparsers(dest="action", metavar="ACTION", required=True)
-    original_add = sub.add_parser
+    # --config after the action too; SUPPRESS keeps an absent one from overwriting the verb's
+    config_too = argparse.ArgumentParser(add_help=False)
+    config_too.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="configuration file")
+    actions = incidents.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        parser = original_add(name, **kwargs)
-        # --config after the action too; SUPPRESS keeps an absent one from overwriting the verb's
-        parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="configuration file")
-        return parser
+        return actions.add_parser(name, parents=[config_too], **kwargs)
 
-    sub.add_parser = add_parser  # type: ignore[method-assign]
-    listing = sub.add_parser("list", help="incidents, newest first")
+    listing = add_parser("list", help="incidents, newest first")
     listing.add_argument("--state", choices=lifecycle.STATES)
     listing.add_argument("--kind", choices=["smoke", "ev_charger", "noise", "meter"])
     listing.add_argument("--site")
@@ -68,19 +66,19 @@ def add_parsers(verbs: Any, common: Any) -> None:
     listing.add_argument("--overdue", action="store_true", help="only incidents with a clock past its deadline")
     listing.add_argument("--limit", type=int, default=50)
     listing.add_argument("--json", action="store_true", help="print one JSON document")
-    show = sub.add_parser("show", help="one incident with its audit trail and occurrences")
+    show = add_parser("show", help="one incident with its audit trail and occurrences")
     show.add_argument("id")
     show.add_argument("--json", action="store_true")
     for name in ACTIONS:
         spec = lifecycle.ACTIONS[name]
-        action = sub.add_parser(name, help=spec.help)
+        action = add_parser(name, help=spec.help)
         action.add_argument("id")
         action.add_argument("--note", required=spec.needs_note, help="result, revisit, reason or comment")
         action.add_argument("--actor", default=getpass.getuser(), help="the operator recorded (default: your login)")
         if name in ("dispatch", "reassign"):
             action.add_argument("--team", help="team id (default: the site's squad)")
             action.add_argument("--member", help="one member of the team")
-    silence = sub.add_parser("silence", help="silence a device, a rule or a site until a time")
+    silence = add_parser("silence", help="silence a device, a rule or a site until a time")
     silence.add_argument("--device")
     silence.add_argument("--rule")
     silence.add_argument("--site")
@@ -89,7 +87,7 @@ def add_parsers(verbs: Any, common: Any) -> None:
     until.add_argument("--until", type=moment, metavar="TIME", help="e.g. 2026-11-22T18:00")
     silence.add_argument("--reason", required=True)
     silence.add_argument("--actor", default=getpass.getuser())
-    silences = sub.add_parser("silences", help="the silences, active first")
+    silences = add_parser("silences", help="the silences, active first")
     silences.add_argument("--json", action="store_true")
 
     rep = verbs.add_parser("report", help="SLA compliance, repeat alerts, counts by kind, site and rule",

@@ -42,10 +42,7 @@ class Spool:
             if match:
                 self.segments.append(Segment(int(match[1]), match[2], path, path.stat().st_size))
         self.next_seq = self.segments[-1].seq + 1 if self.segments else 1
-
-    @property
-    def bytes(self) -> int:
-        return sum(s.size for s in self.segments)
+        self.bytes = sum(s.size for s in self.segments)  # kept up to date: checked on every append
 
     def __len__(self) -> int:
         return len(self.segments)
@@ -65,6 +62,7 @@ class Spool:
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
             self.segments.append(Segment(seq, cls, path, len(body)))
+            self.bytes += len(body)
 
     def _make_room(self, incoming: int) -> None:
         for cls in CLASSES:
@@ -75,6 +73,7 @@ class Spool:
                 self.dropped_lines[cls] += victim.path.read_bytes().count(b"\n")
                 victim.path.unlink(missing_ok=True)
                 self.segments.remove(victim)
+                self.bytes -= victim.size
 
     def oldest(self) -> tuple[Segment, list[bytes]] | None:
         with self.lock:
@@ -88,3 +87,4 @@ class Spool:
             segment.path.unlink(missing_ok=True)
             if segment in self.segments:
                 self.segments.remove(segment)
+                self.bytes -= segment.size
