@@ -70,13 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tls", action="store_true",
                       help="the embedded broker speaks TLS only, with a local CA made in state_dir/tls")
 
-    simulate = verbs.add_parser("simulate", help="publish a simulated street to a broker",
-                                description="Publish readings for every device of the registry to the broker.")
-    _common(simulate, mqtt=True)
-    simulate.add_argument("--interval", type=_positive, default=5.0, metavar="S")
-    simulate.add_argument("--event-every", type=_positive, default=20.0, metavar="S")
-    simulate.add_argument("--duration", type=_positive, metavar="S")
-    simulate.add_argument("--seed", type=int, default=1)
+    from gateway.scenario_run import add_parsers as add_scenario_parsers
+
+    add_scenario_parsers(verbs, _common, _positive)
 
     devices = verbs.add_parser("devices", help="list the device registry",
                                description="List the registry: id, kind, site and attributes.")
@@ -154,30 +150,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
+    from gateway.scenario_run import cmd_simulate as simulate
     from gateway.service import resolve_broker
-    from simulators.street import Street, run_street
 
     config = _load(args, quiet=True)
     address, embedded = resolve_broker(config, args.broker)
     if embedded is not None:
         print(f"no broker at {args.broker or config.broker.url or '(none configured)'}: pass --broker "
-              "mqtt://HOST:PORT of a running broker (streetbrain run starts one)", file=sys.stderr)
+              "mqtt://HOST:PORT of a running broker (streetbrain run starts one), or use streetbrain evaluate, "
+              "which starts a gateway of its own", file=sys.stderr)
         return EXIT_FAILURE
-    console = Console(stderr=True)
-    street = Street(config.devices, seed=args.seed, event_every_s=args.event_every)
+    return simulate(config, args, address)
 
-    async def main(stop: asyncio.Event) -> int:
-        user, password = _account(config, "simulator")
-        sent = await run_street(street, address.host, address.port, interval_s=args.interval, stop=stop,
-                                duration_s=args.duration, username=user, password=password,
-                                on_event=lambda e: console.print(f"[yellow]inject[/] {e.describe()}"),
-                                on_round=lambda n: console.print(f"published {n} messages", highlight=False))
-        console.print(f"done: {sent} messages")
-        return EXIT_OK
 
-    return _run_until_signal(main)
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from gateway.scenario_run import evaluate_scenario
+
+    if not args.scenario:
+        print("evaluate needs --scenario FILE (the scenarios/ folder has one per kind, a quiet street and a bad day)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    config = _load(args, quiet=True)
+    return _run_until_signal(lambda stop: evaluate_scenario(config, args, stop))
 
 
 def _device_row(device: Any) -> dict[str, Any]:
@@ -314,7 +308,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return run_report(_load(args, quiet=True), args)
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "simulate": cmd_simulate, "devices": cmd_devices,
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "simulate": cmd_simulate, "evaluate": cmd_evaluate, "devices": cmd_devices,
             "incidents": cmd_incidents, "report": cmd_report, "history": cmd_history, "watch": cmd_watch,
             "check-config": cmd_check_config}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-VERBS = ["run", "demo", "simulate", "devices", "check-config"]
+VERBS = ["run", "demo", "simulate", "evaluate", "devices", "check-config"]
 
 
 def streetbrain(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -26,7 +26,7 @@ def test_every_verb_has_help_naming_config(verb):
     assert "--config FILE" in result.stdout
 
 
-@pytest.mark.parametrize("verb", ["run", "demo", "simulate"])
+@pytest.mark.parametrize("verb", ["run", "demo", "simulate", "evaluate"])
 def test_mqtt_verbs_take_a_broker_url_and_refuse_a_bad_one(verb):
     assert "--broker mqtt://HOST:PORT" in streetbrain(verb, "--help").stdout
     result = streetbrain(verb, "--broker", "http://nowhere")
