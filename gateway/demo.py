@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import secrets
 import ssl
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -18,7 +19,9 @@ from gateway import security, topics
 from gateway.broker import reachable
 from gateway.config import Config, Operator
 from gateway.service import Gateway
-from simulators.street import Event, Street, run_street
+from simulators.fleet import from_registry
+from simulators.runner import Simulation, TruthRow
+from simulators.scenario import live_scenario
 
 STYLE = {"critical": "bold white on red", "major": "bold red", "warning": "yellow", "info": "cyan"}
 
@@ -94,18 +97,22 @@ async def demo(config: Config, args: argparse.Namespace, stop: asyncio.Event) ->
     assert gateway.address is not None
     host, port = gateway.address.host, gateway.address.port
     counts: Counter[str] = Counter()
-    street = Street(config.devices, seed=args.seed, event_every_s=args.event_every)
+    scenario = live_scenario(args.duration or 7 * 86400.0, args.event_every, args.seed)
+    simulation = Simulation(scenario, from_registry(config.devices), interval_s=args.interval,
+                            offline_after_s={k: p.offline_after_s for k, p in config.kinds.items()},
+                            check_interval_s=config.detection.offline_check_interval_s)
     console.rule("[bold]streetbrain demo street")
+    every = f"at least every {args.interval:g} s" if args.interval else "at its own pace (chargers 30 s, noise 60 s, …)"
     console.print(f"broker {gateway.address}  ·  {len(config.devices)} devices "
-                  f"({sum(len(s) for s in gateway.registry.series.values())} series)  ·  a reading per device every "
-                  f"{args.interval:g} s  ·  an injected event every ~{args.event_every:g} s  ·  Ctrl-C stops")
+                  f"({sum(len(s) for s in gateway.registry.series.values())} series)  ·  each device reports "
+                  f"{every}  ·  an injected event every ~{args.event_every:g} s  ·  Ctrl-C stops")
     console.print(f"follow the alerts elsewhere: mosquitto_sub -p {port} -t '{topics.ALERTS_FILTER}' -v", highlight=False)
     host_ip = config.api.listen.rsplit(":", 1)[0]
     console.print(f"dashboard: [bold]http://{host_ip}:{gateway.api_port}/[/]" +
                   (f"  token: [bold]{demo_token}[/] (this session only)" if demo_token else ""), highlight=False)
 
-    def on_event(event: Event) -> None:
-        console.print(f"[magenta]simulator[/] injects {event.describe()}", highlight=False)
+    def on_event(row: TruthRow) -> None:
+        console.print(f"[magenta]simulator[/] injects {row.describe()}", highlight=False)
 
     operator = security.account(config.state_dir, security.OPERATOR_USER) if gateway.embedded else (None, None)
     rig = security.account(config.state_dir, security.SIMULATOR_USER) if gateway.embedded else (None, None)
@@ -113,15 +120,16 @@ async def demo(config: Config, args: argparse.Namespace, stop: asyncio.Event) ->
                if gateway.embedded is not None and gateway.embedded.tls else None)
     watcher = asyncio.create_task(watch_alerts(host, port, console, counts, stop, *operator, tls_context=context),
                                   name="watch")
-    simulator = asyncio.create_task(
-        run_street(street, host, port, interval_s=args.interval, stop=stop, on_event=on_event,
-                   username=rig[0], password=rig[1], tls_context=context), name="simulator")
-    if args.duration:
-        try:
-            await asyncio.wait_for(stop.wait(), args.duration)
-        except TimeoutError:
-            stop.set()
-    published = await simulator
+    halt = threading.Event()
+    simulator = asyncio.ensure_future(asyncio.to_thread(
+        simulation.run, host, port, username=rig[0], password=rig[1], tls_context=context, stop=halt,
+        on_event=on_event))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({simulator, stopping}, timeout=args.duration, return_when=asyncio.FIRST_COMPLETED)
+    halt.set()
+    stop.set()
+    published = (await simulator).readings
+    stopping.cancel()
     await asyncio.wait({watcher}, timeout=2)
     watcher.cancel()
     await gateway_task

@@ -32,9 +32,7 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
     if args.scenario:
         scenario = load_scenario(args.scenario)
     else:
-        start = datetime.now(SHANGHAI)
-        scenario = Scenario(name="free-run", start=f"{start:%H:%M}", duration=args.duration or 7 * 86400.0,
-                            speed=1.0)
+        scenario = Scenario(name="free-run", start="now", duration=args.duration or 7 * 86400.0, speed=1.0)
     if args.duration:
         scenario = scenario.model_copy(update={"duration": args.duration})
         scenario.events = [e for e in scenario.events if e.at < args.duration]

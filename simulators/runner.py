@@ -34,7 +34,9 @@ WINDOW = 2000  # unacknowledged QoS 1 messages in flight at most
 
 def layout_start(scenario: Scenario, now: float) -> float:
     """The device time the scenario starts at: its local start time on the latest day that lets the
-    whole scenario end no later than ``now``."""
+    whole scenario end no later than ``now``; or, for a live run (start "now", speed 1 or slower), now."""
+    if scenario.start == "now":
+        return now if 0 < scenario.speed <= 1 else now - scenario.duration
     hour, minute = (int(x) for x in scenario.start.split(":"))
     local_now = datetime.fromtimestamp(now, SHANGHAI)
     candidate = local_now.replace(hour=hour, minute=minute, second=0, microsecond=0)
@@ -64,6 +66,10 @@ class TruthRow:
     count: int = 0               # faults: messages injected
     wall_start: float | None = None
     wall_end: float | None = None
+
+    def describe(self) -> str:
+        where = self.device_id + (f" port {self.port}" if self.port else "")
+        return f"{self.what.replace('_', ' ')} on {where} for {self.end - self.start:.0f} s"
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -177,7 +183,8 @@ class Simulation:
 
     def __init__(self, scenario: Scenario, fleet: list[DeviceSpec], *, now: float | None = None,
                  speed: float | None = None, rate: float | None = None, seed: int | None = None,
-                 offline_after_s: dict[str, float] | None = None, check_interval_s: float = 5.0):
+                 offline_after_s: dict[str, float] | None = None, check_interval_s: float = 5.0,
+                 interval_s: float | None = None):
         self.scenario = scenario
         self.speed = scenario.speed if speed is None else speed
         self.rate = scenario.rate if rate is None else rate
@@ -199,6 +206,10 @@ class Simulation:
                                              check_interval_s=check_interval_s)
             else:
                 self.models[device.id] = cls(device, model_rng, self.t0)
+            if interval_s is not None:  # every device reports at least this often (a livelier demo)
+                model = self.models[device.id]
+                model.interval_s = min(model.interval_s, interval_s)
+                model.next_at = min(model.next_at, self.t0 + model_rng.uniform(0, model.interval_s))
         self.planned = plan(scenario, self.devices, self.rng)
         self.result = RunResult(scenario.name, self.t0, scenario.duration, len(self.devices))
         self._truth_by_plan: dict[int, TruthRow] = {}
@@ -206,6 +217,7 @@ class Simulation:
             self.result.truth.append(self._truth(item))
         marks = [(r.start, r, "wall_start") for r in self.result.truth] + [(r.end, r, "wall_end") for r in self.result.truth]
         self._pending = sorted(marks, key=lambda mark: mark[0], reverse=True)  # popped from the end
+        self.on_event: Callable[[TruthRow], None] | None = None
         self.silent_until: dict[str, float] = {}
         self.skew: dict[str, tuple[float, float]] = {}  # device → (until, seconds ahead)
 
@@ -235,8 +247,10 @@ class Simulation:
     # -- running ---------------------------------------------------------------------------------------
     def run(self, host: str, port: int, *, username: str | None = None, password: str | None = None,
             tls_context: ssl.SSLContext | None = None, stop: threading.Event | None = None,
-            on_progress: Callable[[RunResult, float], None] | None = None) -> RunResult:
+            on_progress: Callable[[RunResult, float], None] | None = None,
+            on_event: Callable[[TruthRow], None] | None = None) -> RunResult:
         stop = stop or threading.Event()
+        self.on_event = on_event
         publisher = Publisher(host, port, username=username, password=password, tls_context=tls_context,
                               client_id=f"streetbrain-sim-{self.rng.randrange(1 << 30)}")
         result = self.result
@@ -307,6 +321,8 @@ class Simulation:
         while self._pending and self._pending[-1][0] <= t:
             _, row, which = self._pending.pop()
             setattr(row, which, now)
+            if which == "wall_start" and self.on_event is not None:
+                self.on_event(row)
 
     def _messages(self, what: str, item: Any, t: float, publisher: Publisher,
                   dropped: dict[str, tuple[mqtt.Client, float]], heap: list[Any]) -> list[tuple[str, bytes, bool]]:

@@ -150,8 +150,9 @@ class Scenario(Strict):
     name: str
     description: str = ""
     seed: int = 1
-    start: str = Field(default="09:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$",
-                       description="local time of day (Asia/Shanghai) the device time starts at")
+    start: str = Field(default="09:00", pattern=r"^(([01]\d|2[0-3]):[0-5]\d|now)$",
+                       description="local time of day (Asia/Shanghai) the device time starts at, or now "
+                                   "(a live run at speed 1 or slower)")
     duration: Duration = Field(gt=0)
     speed: float = Field(default=60.0, ge=0, description="device seconds per wall second; 0: as fast as possible")
     rate: float | None = Field(default=None, gt=0, description="at most this many messages per wall second")
@@ -260,3 +261,23 @@ def _pick(choice: str, kinds: list[str], devices: dict[str, Any], by_kind: dict[
         raise ScenarioError(f"{where}: the fleet has no {' or '.join(kinds)} device")
     fresh = [d for d in pool if d not in used]
     return rng.choice(fresh or pool)
+
+
+#: what the demo injects: events whose alerts show within a minute, so a newcomer sees the street react
+DEMO_EVENTS: tuple[tuple[str, str | None], ...] = (
+    ("flaming_fire", None), ("hushed_alarm", None), ("overload", "ev_charger"), ("leakage", "ev_charger"),
+    ("leakage", "meter"), ("tamper", None), ("fault", None), ("modified_charger", None), ("overheating", None),
+)
+
+
+def live_scenario(duration_s: float, event_every_s: float, seed: int) -> Scenario:
+    """A live street (device time is now, speed 1) with an event on a random device every
+    ``event_every_s`` seconds on average, for ``streetbrain demo``."""
+    rng = random.Random(seed)
+    events = []
+    at = event_every_s * 0.3
+    while at < duration_s and len(events) < 100_000:
+        name, kind = rng.choice(DEMO_EVENTS)
+        events.append(EventSpec(at=at, event=name, kind=kind))
+        at += rng.expovariate(1 / event_every_s)
+    return Scenario(name="demo", start="now", duration=duration_s, speed=1.0, seed=seed, events=events)
