@@ -70,7 +70,7 @@ def test_a_normal_charge_tapers_and_stops_within_eight_hours():
         for reading in charger.readings(t):
             power[reading["port"]].append(reading["power_w"])
         t += 60
-    for port, values in power.items():
+    for values in power.values():
         charging_min = next((i for i, v in enumerate(values) if v == 0), len(values))
         sessions_over.append(charging_min >= 8 * 60)
         assert max(values) < 450, "no normal charger draws what a modified one does"
