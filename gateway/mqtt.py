@@ -1,8 +1,9 @@
 """The two MQTT connections of the gateway.
 
-* :class:`Receiver` — the hot receive path: paho-mqtt in its own network thread (measured ~2× the
-  receive rate of aiomqtt on this machine, ../shared/reference/mqtt-limits.md), MQTT 5 persistent
-  session, manual acknowledgements. Messages pile up in a buffer that the asyncio side drains in
+* :class:`Receiver` — the hot receive path: a lean MQTT 5 subscriber in its own I/O thread that reads
+  many frames per ``recv`` (paho's per-packet machinery was half the gateway's CPU; paho itself is
+  ~2× aiomqtt, ../shared/reference/mqtt-limits.md), persistent session, manual acknowledgements
+  written in batches. Messages pile up in a buffer that the asyncio side drains in
   batches; each is acknowledged only after its batch was processed and its alerts were published,
   so a crash loses nothing: the broker redelivers what was not acknowledged. The broker sends at
   most ``receive_maximum`` unacknowledged messages, which bounds the buffer.
@@ -14,16 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import selectors
+import socket
 import ssl
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import aiomqtt
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from gateway.config import BrokerAddress, BrokerConfig
 
@@ -51,8 +52,117 @@ class Inbound:
     generation: int  # which connection it arrived on: acks are only valid on that one
 
 
+class BrokerRefused(ConnectionError):
+    pass
+
+
+def varint(n: int) -> bytes:
+    """MQTT's variable byte integer (remaining lengths, property lengths)."""
+    out = bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def read_varint(data: bytes, i: int) -> tuple[int, int]:
+    """A variable byte integer at ``data[i:]``: (value, index after it); IndexError if it is cut short."""
+    value, shift = 0, 0
+    while True:
+        byte = data[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+
+
+def string(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def packet(first: int, body: bytes) -> bytes:
+    """A whole MQTT packet: its first byte, the remaining length, the body."""
+    return bytes((first,)) + varint(len(body)) + body
+
+
+def connect_packet(config: BrokerConfig) -> bytes:
+    """MQTT 5 CONNECT: persistent session (clean start off, session expiry), our receive window."""
+    flags = 0
+    payload = string(config.client_id)
+    if config.username:
+        flags |= 0x80
+        payload += string(config.username)
+        if config.password is not None:
+            flags |= 0x40
+            payload += string(config.password.get_secret_value())
+    properties = (b"\x11" + config.session_expiry_s.to_bytes(4, "big")
+                  + b"\x21" + config.receive_maximum.to_bytes(2, "big"))
+    body = (string("MQTT") + b"\x05" + bytes((flags,)) + config.keepalive_s.to_bytes(2, "big")
+            + varint(len(properties)) + properties + payload)
+    return packet(0x10, body)
+
+
+def subscribe_packet(filters: list[str], packet_id: int = 1) -> bytes:
+    return packet(0x82, packet_id.to_bytes(2, "big") + b"\x00" + b"".join(string(f) + b"\x01" for f in filters))
+
+
+PINGREQ = b"\xc0\x00"
+DISCONNECT = b"\xe0\x00"  # normal disconnection: the session (and what the broker queues for it) stays
+
+
+class FrameReader:
+    """MQTT frames out of a byte stream: as many whole frames as each ``recv`` brought.
+
+    paho handles one packet per ``select()`` with several ``recv`` calls and objects per message
+    (~60 µs of Python each, most of a paho gateway's CPU: ../shared/reference/mqtt-limits.md); this
+    reads a socket's worth at a time and keeps only topic, packet id and payload.
+    """
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> list[tuple[int, bytes, int, int]]:
+        """(first byte, buffer, start and end of the body) for every whole frame; the rest waits."""
+        data = self.pending + chunk if self.pending else chunk
+        n, pos = len(data), 0
+        frames = []
+        while n - pos >= 2:
+            try:
+                length, i = read_varint(data, pos + 1)
+            except IndexError:
+                break  # the length itself is not all here yet
+            if i + length > n:
+                break
+            frames.append((data[pos], data, i, i + length))
+            pos = i + length
+        self.pending = data[pos:]
+        return frames
+
+
+def parse_publish(first: int, data: bytes, start: int, end: int) -> tuple[str, bytes, int, int]:
+    """A PUBLISH body → (topic, payload, packet id, QoS). Properties are skipped: we ask for none."""
+    length = (data[start] << 8) | data[start + 1]
+    topic = data[start + 2:start + 2 + length].decode("utf-8")
+    i = start + 2 + length
+    qos = (first >> 1) & 3
+    mid = 0
+    if qos:
+        mid = (data[i] << 8) | data[i + 1]
+        i += 2
+    properties, i = read_varint(data, i)
+    return topic, data[i + properties:end], mid, qos
+
+
 class Receiver:
-    """Subscribes to ``filters`` with QoS 1 on a persistent session and buffers what arrives."""
+    """Subscribes to ``filters`` with QoS 1 on a persistent session and buffers what arrives.
+
+    A thread of its own owns the socket: it reads many frames per ``recv``, queues the messages for
+    the asyncio side, and writes the acknowledgements that side hands it (one ``send`` for a whole
+    batch) and the keepalive pings. It reconnects with backoff, forever.
+    """
 
     def __init__(self, config: BrokerConfig, address: BrokerAddress, filters: list[str],
                  loop: asyncio.AbstractEventLoop, wake: asyncio.Event):
@@ -70,69 +180,174 @@ class Receiver:
         self.subscribed = asyncio.Event()
         self._signalled = False
         self._paused = False
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=config.client_id,
-                                  protocol=paho.MQTTv5, manual_ack=True)
-        if config.username:
-            self.client.username_pw_set(config.username,
-                                        config.password.get_secret_value() if config.password else None)
-        context = _tls_context(config) if (config.tls or address.tls) else None
-        if context is not None or address.tls:
-            self.client.tls_set_context(context or ssl.create_default_context())
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = self._on_subscribe
+        self._stopping = threading.Event()
+        self._outgoing: deque[bytes] = deque()  # frames for the I/O thread to write
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = self.config.session_expiry_s
-        properties.ReceiveMaximum = self.config.receive_maximum
-        self.client.connect_async(self.address.host, self.address.port, keepalive=self.config.keepalive_s,
-                                  clean_start=False, properties=properties)
-        self.client.loop_start()
+        self._thread = threading.Thread(target=self._run, name=f"mqtt-receive-{self.config.client_id}", daemon=True)
+        self._thread.start()
 
     def pause(self) -> None:
         """Take no more messages; those arriving now stay unacknowledged and come back later."""
         self._paused = True
 
     def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self._stopping.set()
+        self._poke()
+        if self._thread is not None:
+            self._thread.join(10)
+        self._wake_r.close()
+        self._wake_w.close()
 
-    # -- paho network thread -----------------------------------------------------------------
-    def _on_connect(self, client: paho.Client, userdata: object, flags: paho.ConnectFlags,
-                    reason: paho.ReasonCode, properties: Properties | None) -> None:
-        if reason.is_failure:
-            log.error("broker refused the connection url=%s reason=%s", self.address, reason)
-            return
+    # -- the I/O thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        delay = 1.0
+        while not self._stopping.is_set():
+            sock: socket.socket | None = None
+            try:
+                sock = self._connect()
+                delay = 1.0
+                self._serve(sock)
+            except BrokerRefused as exc:
+                log.error("broker refused the connection url=%s reason=%s", self.address, exc)
+            except (OSError, ValueError, IndexError) as exc:  # ValueError/IndexError: a malformed frame
+                if not self._stopping.is_set():
+                    log.warning("disconnected from broker url=%s reason=%s; reconnecting with backoff",
+                                self.address, exc or type(exc).__name__)
+            finally:
+                self.connected.clear()
+                self._outgoing.clear()  # acks of this connection mean nothing on the next one
+                if sock is not None:
+                    sock.close()
+            if not self._stopping.is_set():
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection((self.address.host, self.address.port), timeout=10)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.config.tls or self.address.tls:
+                context = _tls_context(self.config) or ssl.create_default_context()
+                sock = context.wrap_socket(sock, server_hostname=self.address.host)
+            sock.sendall(connect_packet(self.config))
+            reader = FrameReader()
+            frames: list[tuple[int, bytes, int, int]] = []
+            while not frames:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise ConnectionError("the broker closed the connection before CONNACK")
+                frames = reader.feed(chunk)
+            first, data, start, _ = frames[0]
+            if first >> 4 != 2:
+                raise ConnectionError(f"expected CONNACK, got packet type {first >> 4}")
+            session_present, reason = data[start] & 1, data[start + 1]
+            if reason >= 0x80:
+                raise BrokerRefused(f"CONNACK reason code 0x{reason:02x}")
+        except BaseException:
+            sock.close()
+            raise
         self.generation += 1
         self.connected.set()
-        log.info("connected url=%s session_present=%s", self.address, flags.session_present)
+        log.info("connected url=%s session_present=%s", self.address, bool(session_present))
         # Subscribing again on a present session is harmless and repairs a session the broker lost.
-        client.subscribe([(f, paho.SubscribeOptions(qos=1)) for f in self.filters])
+        if self.filters:
+            sock.sendall(subscribe_packet(self.filters))
+        self._pending_frames = frames[1:]
+        self._reader = reader
+        return sock
 
-    def _on_subscribe(self, client: paho.Client, userdata: object, mid: int,
-                      reasons: list[paho.ReasonCode], properties: Properties | None) -> None:
-        if any(r.is_failure for r in reasons):
-            log.error("subscription refused filters=%s reasons=%s", self.filters, [str(r) for r in reasons])
+    def _serve(self, sock: socket.socket) -> None:
+        keepalive = float(self.config.keepalive_s)
+        sock.settimeout(None)
+        selector = selectors.DefaultSelector()
+        selector.register(sock, selectors.EVENT_READ)
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        reader, frames = self._reader, self._pending_frames
+        last_sent = last_heard = time.monotonic()
+        generation = self.generation
+        try:
+            while not self._stopping.is_set():
+                if frames:
+                    self._handle(frames, generation)
+                    frames = []
+                if self._outgoing:
+                    out = []
+                    while self._outgoing:
+                        out.append(self._outgoing.popleft())
+                    sock.sendall(b"".join(out))
+                    last_sent = time.monotonic()
+                ready = True if isinstance(sock, ssl.SSLSocket) and sock.pending() else \
+                    any(key.fileobj is sock for key, _ in selector.select(keepalive / 2))
+                try:
+                    while True:
+                        self._wake_r.recv(4096)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                now = time.monotonic()
+                if ready:
+                    chunk = sock.recv(262144)
+                    if not chunk:
+                        raise ConnectionError("the broker closed the connection")
+                    frames = reader.feed(chunk)
+                    last_heard = now
+                elif now - last_heard > keepalive * 1.5:
+                    raise TimeoutError(f"nothing from the broker for {keepalive * 1.5:.0f} s")
+                if now - last_sent >= keepalive / 2:
+                    sock.sendall(PINGREQ)
+                    last_sent = now
+            if self.connected.is_set():
+                sock.sendall(DISCONNECT)
+        finally:
+            selector.close()
+
+    def _handle(self, frames: list[tuple[int, bytes, int, int]], generation: int) -> None:
+        taken = False
+        for first, data, start, end in frames:
+            kind = first >> 4
+            if kind == 3:
+                topic, payload, mid, qos = parse_publish(first, data, start, end)
+                if not self._paused:
+                    (self.urgent if URGENT in topic else self.buffer).append(
+                        Inbound(topic, payload, mid, qos, generation))
+                    taken = True
+            elif kind == 9:  # SUBACK: one reason code per filter, after the packet id and properties
+                self._on_suback(data[start + 3 + data[start + 2]:end])
+            elif kind == 14:
+                reason = data[start] if end > start else 0
+                raise ConnectionError(f"the broker disconnected us (reason code 0x{reason:02x})")
+            # PINGRESP needs nothing: hearing it is what counts
+        if taken:
+            self._signal()
+
+    def _on_suback(self, reasons: bytes) -> None:
+        if any(r >= 0x80 for r in reasons):
+            log.error("subscription refused filters=%s reasons=%s", self.filters, [f"0x{r:02x}" for r in reasons])
             return
         self.loop.call_soon_threadsafe(self.subscribed.set)
 
-    def _on_disconnect(self, client: paho.Client, userdata: object, flags: paho.DisconnectFlags,
-                       reason: paho.ReasonCode, properties: Properties | None) -> None:
-        self.connected.clear()
-        if reason.value != 0:
-            log.warning("disconnected from broker url=%s reason=%s; reconnecting with backoff", self.address, reason)
-
-    def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+    def _on_message(self, client: object, userdata: object, message: Any) -> None:
+        """Queue one message (what the I/O thread does for each PUBLISH; tests drive it directly)."""
         if self._paused:
             return
         inbound = Inbound(message.topic, message.payload, message.mid, message.qos, self.generation)
         (self.urgent if URGENT in inbound.topic else self.buffer).append(inbound)
+        self._signal()
+
+    def _signal(self) -> None:
         if not self._signalled:
             self._signalled = True
             self.loop.call_soon_threadsafe(self.wake.set)
+
+    def _poke(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already poked, or closed
 
     # -- asyncio side ------------------------------------------------------------------------
     def drain(self, limit: int) -> list[Inbound]:
@@ -150,10 +365,13 @@ class Receiver:
         return len(self.urgent) + len(self.buffer)
 
     def ack(self, messages: list[Inbound]) -> None:
+        """PUBACK what was processed, on the connection it came from, in one write by the I/O thread."""
         generation = self.generation
-        for message in messages:
-            if message.qos and message.generation == generation:
-                self.client.ack(message.mid, message.qos)
+        acks = b"".join(b"\x40\x02" + m.mid.to_bytes(2, "big") for m in messages
+                        if m.qos == 1 and m.generation == generation)
+        if acks:
+            self._outgoing.append(acks)
+            self._poke()
 
 
 class Publisher:
