@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import base64
 import json
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
+import annotated_types
 import orjson
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from gateway import topics
 from gateway.config import Config, Device
 from gateway.registry import Registry
-from gateway.schemas import READING_MODELS, Reading
+from gateway.schemas import EPOCH_FLOOR, READING_MODELS, Reading
 
 MAX_PROBLEMS_LISTED = 20
 _UNPARSED = object()  # JSON `null` is a document too; failure needs its own marker
@@ -138,6 +141,114 @@ class RateLimiter:
         return over
 
 
+_TYPES = (float, int, bool, str)
+MAX_EXACT_INT = 2**53  # an int that a float holds exactly: beyond, pydantic decides
+_FLOAT_MAX = 1.7976931348623157e308  # an absent bound still refuses the infinities
+
+
+class FastReading:
+    """The plain case of one kind's :class:`Reading`, checked without pydantic.
+
+    A reading whose keys are all known fields and whose values have exactly the strict types and lie
+    within the ranges of the model is built straight into a model instance, the same object
+    ``model_validate`` returns, in about a third of its time. Anything else — an unknown field, an
+    RFC 3339 ``ts``, a wrong type, a value out of range, a huge integer — returns None and goes to
+    pydantic, which accepts it or says exactly what is wrong. The checks are read from the model's own
+    field annotations, so the two cannot drift apart; a model with a validator or a constraint this
+    does not know gets no fast path at all.
+    """
+
+    def __init__(self, model: type[Reading]):
+        self.model = model
+        # name → (type, lowest, highest, lowest excluded, highest excluded, None allowed)
+        self.fields: dict[str, tuple[type, float, float, bool, bool, bool]] = {}
+        self.required = frozenset(n for n, f in model.model_fields.items() if f.is_required() and n != "ts")
+        # every field in the model's order; the required ones (ts, a port) are always overwritten
+        self.template = {n: None if f.is_required() else f.default for n, f in model.model_fields.items()}
+        validated = {name for d in model.__pydantic_decorators__.field_validators.values() for name in d.info.fields}
+        self.enabled = validated <= {"ts"} and not model.__pydantic_decorators__.model_validators
+        for name, info in model.model_fields.items():
+            if name == "ts":
+                continue
+            check = self._check(info)
+            if check is None:
+                self.enabled = False
+            else:
+                self.fields[name] = check
+
+    @staticmethod
+    def _check(info: FieldInfo) -> tuple[type, float, float, bool, bool, bool] | None:
+        annotation, metadata, nullable = info.annotation, list(info.metadata), False
+        args = typing.get_args(annotation)
+        if type(None) in args and typing.get_origin(annotation) is not Annotated:
+            nullable = True
+            rest = [a for a in args if a is not type(None)]
+            if len(rest) != 1:
+                return None
+            annotation = rest[0]
+        if typing.get_origin(annotation) is Annotated:
+            annotation, *extra = typing.get_args(annotation)
+            for item in extra:
+                metadata += item.metadata if isinstance(item, FieldInfo) else [item]
+        if annotation not in _TYPES:
+            return None
+        lo, hi, lo_open, hi_open = -_FLOAT_MAX, _FLOAT_MAX, False, False
+        for item in metadata:
+            if isinstance(item, annotated_types.Ge):
+                lo = item.ge
+            elif isinstance(item, annotated_types.Gt):
+                lo, lo_open = item.gt, True
+            elif isinstance(item, annotated_types.Le):
+                hi = item.le
+            elif isinstance(item, annotated_types.Lt):
+                hi, hi_open = item.lt, True
+            else:
+                return None  # a constraint this does not know: leave the field to pydantic
+        return annotation, lo, hi, lo_open, hi_open, nullable  # type: ignore[return-value]
+
+    def __call__(self, item: dict[str, Any]) -> Reading | None:
+        if not self.enabled:
+            return None
+        ts = item.get("ts")
+        if type(ts) is int and -MAX_EXACT_INT < ts < MAX_EXACT_INT:  # type: ignore[operator]
+            ts = float(ts)  # type: ignore[arg-type]
+        elif type(ts) is not float:
+            return None
+        if not EPOCH_FLOOR <= ts <= 1e11:  # type: ignore[operator]
+            return None  # before 2000 or in milliseconds: pydantic says which
+        values = self.template.copy()
+        fields = self.fields
+        for name, value in item.items():
+            check = fields.get(name)
+            if check is None:
+                if name == "ts":
+                    continue
+                return None  # an unknown field: kept as an extra by pydantic
+            wanted, lo, hi, lo_open, hi_open, nullable = check
+            kind = type(value)
+            if kind is not wanted:
+                if value is None and nullable:
+                    values[name] = None
+                    continue
+                if wanted is float and kind is int and -MAX_EXACT_INT < value < MAX_EXACT_INT:
+                    value = float(value)
+                else:
+                    return None
+            if wanted is not bool and wanted is not str and (
+                    not lo <= value <= hi or (lo_open and value == lo) or (hi_open and value == hi)):
+                return None
+            values[name] = value
+        if self.required and not self.required <= item.keys():
+            return None
+        values["ts"] = ts
+        reading = object.__new__(self.model)
+        object.__setattr__(reading, "__dict__", values)
+        object.__setattr__(reading, "__pydantic_fields_set__", set(item))
+        object.__setattr__(reading, "__pydantic_extra__", {})
+        object.__setattr__(reading, "__pydantic_private__", None)
+        return reading
+
+
 class _NonFinite(ValueError):
     pass
 
@@ -181,6 +292,8 @@ class Decoder:
         self.limits = config.ingest
         self.site_ids = {s.id for s in config.sites}
         self.limiter = RateLimiter(config.ingest.device_rate_per_s, config.ingest.device_burst)
+        self.fast = {kind: FastReading(model) for kind, model in READING_MODELS.items()}
+        self.with_port = {kind for kind, model in READING_MODELS.items() if "port" in model.model_fields}
 
     def decode(self, messages: list[tuple[str, bytes]], now: float) -> Decoded:
         out = Decoded()
@@ -261,15 +374,19 @@ class Decoder:
 
         accepted = out.readings.setdefault(kind, [])
         max_ts = now + self.limits.max_future_s
+        fast = self.fast[kind]
+        has_port = kind in self.with_port
         for index, item in indexed:
             if not isinstance(item, dict):
                 letter.add(index, "not_object", f"reading is a JSON {type(item).__name__}, expected an object")
                 continue
-            try:
-                reading = model.model_validate(item)
-            except ValidationError as exc:
-                letter.add(index, _pydantic_reason(exc.errors()[0]), _pydantic_detail(exc))
-                continue
+            reading = fast(item)
+            if reading is None:
+                try:
+                    reading = model.model_validate(item)
+                except ValidationError as exc:
+                    letter.add(index, _pydantic_reason(exc.errors()[0]), _pydantic_detail(exc))
+                    continue
             if reading.device_id is not None and reading.device_id != device_id:
                 letter.add(index, "device_mismatch",
                            f"payload device_id {reading.device_id!r:.40} ≠ topic device {device_id!r}")
@@ -279,7 +396,7 @@ class Decoder:
                            f"ts is {reading.ts - now:.0f} s ahead of the gateway clock "
                            f"(allowed {self.limits.max_future_s:.0f} s): check the device clock")
                 continue
-            port = getattr(reading, "port", 0)
+            port = reading.port if has_port else 0  # type: ignore[attr-defined]
             row = self.registry.row(kind, device_id, port)
             if row is None:
                 letter.add(index, "bad_port", f"charging point {device_id} has no port {port} "
