@@ -25,6 +25,8 @@ class Stats(Collector):
         self.publish_failures = 0
         self.batches = 0
         self.ingest_queue_depth = 0
+        self.ingest_urgent_depth = 0  # of which smoke detectors' messages (taken first)
+        self.ingest_unacked = 0  # processed, waiting for the snapshot that lets them be acknowledged
         self.ingest_lag_s = 0.0
         self.telemetry: Any = None  # the telemetry sink, when a store is configured
 
@@ -71,6 +73,15 @@ class Stats(Collector):
         depth = GaugeMetricFamily("streetbrain_ingest_queue_depth", "Messages received and not yet processed")
         depth.add_metric([], self.ingest_queue_depth)
         yield depth
+        urgent = GaugeMetricFamily("streetbrain_ingest_urgent_depth",
+                                   "Smoke detectors' messages received and not yet processed (they go first)")
+        urgent.add_metric([], self.ingest_urgent_depth)
+        yield urgent
+        unacked = GaugeMetricFamily("streetbrain_ingest_unacked",
+                                    "Messages processed and not yet acknowledged (waiting for the next detector "
+                                    "snapshot); with the queue depth, at most broker.receive_maximum")
+        unacked.add_metric([], self.ingest_unacked)
+        yield unacked
         lag = GaugeMetricFamily("streetbrain_ingest_lag_seconds",
                                 "Gateway time minus the newest device time of the last batch (overload shows here first)")
         lag.add_metric([], self.ingest_lag_s)

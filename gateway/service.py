@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -34,7 +35,16 @@ log = logging.getLogger("streetbrain.gateway")
 
 SHUTDOWN_FLUSH_S = 10.0
 RECENT_ALERTS = 1000  # alert events kept for /api/alerts
-RECENT_READINGS = 120  # readings kept per device for the dashboard's chart (2 h of one a minute)
+RECENT_READINGS = 120  # readings kept per device for the dashboard's chart (2 h of one a minute)…
+# …within a budget for the whole registry (about 400 bytes a reading as Python objects): a street keeps
+# 120 a device, a city of 300,000 devices its last reading, instead of 15 GB of chart data
+# (bench/throughput.py measures it).
+RECENT_READINGS_BUDGET = 500_000
+RECENT_READINGS_MIN = 1  # the device view's last reading
+FIELDS = {kind: model.FIELDS for kind, model in READING_MODELS.items()}
+LINGER_S = 0.004  # how long a small batch waits for company (a few ms on an alert's way: the target is 50 ms)
+LINGER_BATCH = 500  # messages from which a batch no longer waits
+GC_YOUNG_THRESHOLD = 10_000  # allocations between young collections (Python's default: 700)
 
 
 def resolve_broker(config: Config, override: str | None) -> tuple[BrokerAddress, EmbeddedBroker | None]:
@@ -79,6 +89,12 @@ def _secure(config: Config) -> tuple[Path, Path]:
     return auth
 
 
+def recent_readings_depth(series: int) -> int:
+    """Readings kept per device for the dashboard: RECENT_READINGS, or fewer for a registry so large
+    that they would not fit RECENT_READINGS_BUDGET."""
+    return max(RECENT_READINGS_MIN, min(RECENT_READINGS, RECENT_READINGS_BUDGET // max(1, series)))
+
+
 @dataclass
 class Gateway:
     config: Config
@@ -92,7 +108,9 @@ class Gateway:
         self.receiver: Receiver | None = None
         self.unacked: list[Any] = []  # processed, waiting for the snapshot that includes them
         self.recent_alerts: deque[dict[str, Any]] = deque(maxlen=RECENT_ALERTS)
-        self.readings_buffer: dict[str, deque[tuple[float, int, dict[str, Any]]]] = {}
+        # a plain list per device, trimmed from the front: a deque costs ~600 bytes before its first item
+        self.readings_buffer: dict[str, list[tuple[float, int, tuple[Any, ...]]]] = {}
+        self.recent_depth = recent_readings_depth(sum(len(s) for s in self.registry.series.values()))
         self._poke: asyncio.Event | None = None
         self.address: BrokerAddress | None = None
         self.embedded: EmbeddedBroker | None = None
@@ -158,6 +176,13 @@ class Gateway:
 
     async def _serve(self, stop: asyncio.Event) -> None:
         assert self.address is not None
+        # What was built at start (registry, compiled rules, detector state: millions of objects for a
+        # city) lives as long as the process: out of the collector's sight, a full collection no longer
+        # walks it (it was a 150-200 ms stall of the whole ingest path every few seconds under load).
+        # Fewer, larger young collections: the per-batch garbage is freed by reference counting anyway.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         publisher = Publisher(self.config.broker, self.address)
@@ -180,24 +205,16 @@ class Gateway:
             log.info("gateway ready: subscribed to %s and %s", topics.TELEMETRY_FILTER, topics.STATUS_FILTER)
         else:
             ready.cancel()
+        ingest = asyncio.create_task(self._ingest(receiver, publisher, wake, stop), name="ingest")
         try:
-            while not stop.is_set():
-                woken = asyncio.create_task(wake.wait())
-                await asyncio.wait({woken, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                woken.cancel()
-                wake.clear()
-                work = asyncio.create_task(self._process(receiver, publisher))
-                await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if not work.done():
-                    # Stopping while a batch is in flight (its alerts may wait on a broker that is
-                    # gone): give it a while, then leave it unacknowledged for redelivery.
-                    await asyncio.wait({work}, timeout=SHUTDOWN_FLUSH_S)
-                    work.cancel()
-                for result in await asyncio.gather(work, return_exceptions=True):
-                    if isinstance(result, Exception):
-                        # its batch stays unacknowledged: the broker delivers it again
-                        self.stats.pipeline_errors += 1
-                        log.error("processing a batch failed; it will be delivered again", exc_info=result)
+            await asyncio.wait({ingest, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            wake.set()  # the ingest loop sees the stop at its next turn
+            if not ingest.done():
+                # Stopping while a batch is in flight (its alerts may wait on a broker that is
+                # gone): give it a while, then leave it unacknowledged for redelivery.
+                await asyncio.wait({ingest}, timeout=SHUTDOWN_FLUSH_S)
+                ingest.cancel()
+            await asyncio.gather(ingest, return_exceptions=True)
         finally:
             # Take nothing new (the broker redelivers it to our session later), finish and
             # acknowledge what is buffered, then leave.
@@ -223,10 +240,30 @@ class Gateway:
                 await asyncio.to_thread(self.telemetry.close)
             self._log_counters("gateway stopped")
 
+    async def _ingest(self, receiver: Receiver, publisher: Publisher, wake: asyncio.Event, stop: asyncio.Event) -> None:
+        """One long-lived loop: wait for messages, take a batch, process it; no task per wake-up."""
+        while not stop.is_set():
+            await wake.wait()
+            wake.clear()
+            if stop.is_set():
+                return
+            if not receiver.urgent and len(receiver) < LINGER_BATCH:
+                # A batch costs about the same for 1 message as for 20 (numpy calls, a store round trip):
+                # at moderate rates let a few more arrive. A smoke detector's message never waits.
+                await asyncio.sleep(LINGER_S)
+            try:
+                await self._process(receiver, publisher)
+            except Exception:
+                # its batch stays unacknowledged: the broker delivers it again
+                self.stats.pipeline_errors += 1
+                log.exception("processing a batch failed; it will be delivered again")
+
     async def _process(self, receiver: Receiver, publisher: Publisher, everything: bool = False) -> None:
         while True:
             batch = receiver.drain(self.config.ingest.batch_max)
             self.stats.ingest_queue_depth = len(receiver)
+            self.stats.ingest_urgent_depth = len(receiver.urgent)
+            self.stats.ingest_unacked = len(self.unacked)
             if not batch:
                 return
             now = time.time()
@@ -241,8 +278,11 @@ class Gateway:
                 self.telemetry.readings(outcome.accepted)
                 self.telemetry.alerts(outcome.alerts)
             self._remember(outcome)
-            await self._publish(outcome, publisher, now)
-            await self._publish_incident_changes(publisher)
+            if outcome.alerts:  # changes made elsewhere (API, command line) are housekeeping's, every tick
+                # the incident updates are read from the store while the alerts await their PUBACKs
+                await asyncio.gather(self._publish(outcome, publisher, now), self._publish_incident_changes(publisher))
+            else:
+                await self._publish(outcome, publisher, now)
             # acknowledged once a snapshot holds what these readings did (see _commit)
             self.unacked.extend(batch)
             self.stats.publish_failures = publisher.failures
@@ -316,6 +356,7 @@ class Gateway:
             return
         receiver.ack(self.unacked[:covered])
         del self.unacked[:covered]
+        self.stats.ingest_unacked = len(self.unacked)
 
     async def _housekeeping(self, stop: asyncio.Event, publisher: Publisher, receiver: Receiver) -> None:
         """On the gateway clock: staleness, SLA clocks, incident changes made elsewhere, snapshots."""
@@ -408,13 +449,15 @@ class Gateway:
     def _remember(self, outcome: Outcome) -> None:
         """The last readings of each device, for the dashboard's chart when no store is configured:
         compact tuples of the kind's fields (names are added when read, not per reading)."""
-        buffers = self.readings_buffer
+        buffers, depth = self.readings_buffer, self.recent_depth
         for kind, _, device_id, reading in outcome.accepted:
             buffer = buffers.get(device_id)
             if buffer is None:
-                buffer = buffers[device_id] = deque(maxlen=RECENT_READINGS)
-            buffer.append((reading.ts, getattr(reading, "port", 0) or 0,
-                           tuple(getattr(reading, name) for name in READING_MODELS[kind].FIELDS)))
+                buffer = buffers[device_id] = []
+            values = reading.__dict__  # the fields as validated; getattr on a pydantic model is slow for absent names
+            buffer.append((values["ts"], values.get("port") or 0, tuple(values[name] for name in FIELDS[kind])))
+            if len(buffer) > depth:
+                del buffer[0]
 
     def _reading_view(self, kind: str, ts: float, port: int, values: tuple[Any, ...]) -> dict[str, Any]:
         fields = READING_MODELS[kind].FIELDS
@@ -424,7 +467,7 @@ class Gateway:
     def recent_readings(self, device_id: str, limit: int) -> list[dict[str, Any]]:
         kind = self.registry.devices[device_id].kind
         buffer = self.readings_buffer.get(device_id, ())
-        return [self._reading_view(kind, *entry) for entry in list(buffer)[-limit:]]
+        return [self._reading_view(kind, *entry) for entry in buffer[-limit:]]
 
     def device_views(self, kind: str | None = None, site: str | None = None) -> list[dict[str, Any]]:
         out = []
