@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -38,6 +39,24 @@ def reachable(host: str, port: int, timeout_s: float = 0.5) -> bool:
             return True
     except OSError:
         return False
+
+
+OPEN_FILES = 1_048_576  # the soft limit wanted for the broker: one socket per device, and then some
+
+
+def raise_open_files_limit() -> int:
+    """Every device holds a connection, a socket of the broker's: with a soft limit of 1,024 open
+    files (a common default) the broker would refuse a street's 1,000th device. Raised as far as the
+    hard limit allows, in our process, so that the broker started from it inherits it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit for the broker soft=%s hard=%s error=%s", soft, hard, exc)
+    return soft
 
 
 class EmbeddedBroker:
@@ -90,6 +109,9 @@ class EmbeddedBroker:
             raise BrokerError("mosquitto is not installed: run scripts/setup (it installs Debian's mosquitto), "
                               "or set broker.url to a broker you run")
         conf = self.write_conf()
+        open_files = raise_open_files_limit()
+        if open_files < 4096:
+            log.warning("the broker may hold only %d connections (open-files limit): raise `ulimit -n`", open_files)
         logfile = self.log_path.open("ab")
         self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=logfile, stderr=logfile,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
