@@ -222,6 +222,9 @@ class DetectionConfig(Section):
                                                    "readings are acknowledged to the broker once a snapshot holds them")
     offline_check_interval_s: float = Field(default=5.0, gt=0,
                                             description="staleness is checked this often (gateway clock)")
+    replay_late: bool = Field(default=True, description="a late reading (within the kind's lateness_s) rewinds its "
+                                                        "series and replays it in device-time order; false: it is "
+                                                        "applied in arrival order (half the detection CPU)")
 
 
 class LoggingConfig(Section):

@@ -25,6 +25,7 @@ from gateway.schemas import READING_MODELS, Reading
 from rules.engine import ColumnBatch, KindEngine
 from rules.events import EVENT_ZH, AlertEvent, alert_id
 from rules.model import KindProfile
+from rules.replay import ReplayingEngine
 
 log = logging.getLogger("streetbrain.pipeline")
 
@@ -63,8 +64,9 @@ class Pipeline:
         self.decoder = Decoder(config, registry)
         started_at = time.time() if started_at is None else started_at
         self.engines = {
-            kind: KindEngine(kind, config.kinds.get(kind, KindProfile()), model.FIELDS, registry.series[kind],
-                             started_at=started_at)
+            # late readings rewind their series and replay it in device-time order (rules/replay.py)
+            kind: (ReplayingEngine if config.detection.replay_late else KindEngine)(
+                kind, config.kinds.get(kind, KindProfile()), model.FIELDS, registry.series[kind], started_at=started_at)
             for kind, model in READING_MODELS.items()
         }
 

@@ -42,6 +42,7 @@ class AlertEvent:
     message_zh: str
     message_en: str
     flapping: bool = False
+    retracted: bool = False  # a "cleared" that withdraws an alert a late reading showed never happened
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +67,7 @@ class AlertEvent:
             "gateway_time": self.gateway_time,
             "message": {"zh": self.message_zh, "en": self.message_en},
             "flapping": self.flapping,
+            "retracted": self.retracted,
         }
 
 

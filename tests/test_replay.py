@@ -1,0 +1,154 @@
+"""Late readings within the lateness bound: the state is what device-time order gives, and what
+downstream was told is corrected (a withdrawn alert is cleared, marked retracted)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rules.engine import ColumnBatch, KindEngine
+from rules.model import KindProfile
+from rules.replay import ReplayingEngine
+from tests.test_rules import Series
+
+T0 = 1.8e9
+RULES = {
+    "loud": {"field": "laeq_db", "raise": {"warning": 70, "major": 80}, "clear": 65, "flapping": None},
+    "held": {"field": "laeq_db", "raise": {"warning": {"threshold": 72, "count": 3}}, "clear": 60,
+             "flapping": None},
+    "lasting": {"field": "laeq_db", "raise": {"major": {"threshold": 75, "for_s": 120}}, "clear": 70,
+                "flapping": None},
+    "windowed": {"field": "laeq_db", "window": {"seconds": 300, "aggregate": "leq", "min_samples": 2},
+                 "raise": {"warning": 71}, "clear": 68, "flapping": None},
+}
+
+
+def engines(n: int, lateness_s: float = 600.0) -> tuple[KindEngine, ReplayingEngine]:
+    profile = KindProfile.model_validate({"rules": RULES, "lateness_s": lateness_s, "window_samples": 16})
+    make = lambda cls: cls("noise", profile, ("laeq_db",), Series(n), started_at=0)  # noqa: E731
+    return make(KindEngine), make(ReplayingEngine)
+
+
+def batch(readings: list[tuple[int, float, float, int]]) -> ColumnBatch:
+    rows, ts, values, seq = zip(*readings)
+    return ColumnBatch(np.array(rows, dtype=np.int64), np.array(ts), np.array(values, dtype=float).reshape(-1, 1),
+                       ("laeq_db",), np.array(seq, dtype=np.int64))
+
+
+def test_a_stale_loud_reading_after_a_quiet_one_does_not_leave_an_alert_standing():
+    plain, replaying = engines(1)
+    quiet, loud = (0, T0 + 60, 60.0, 2), (0, T0, 90.0, 1)
+    for engine in (plain, replaying):
+        engine.evaluate(batch([quiet]), T0 + 61)
+    stuck = plain.evaluate(batch([loud]), T0 + 62).events
+    assert [e.event for e in stuck if e.rule == "loud"] == ["raised"]  # arrival order: raised, never cleared
+    events = [e for e in replaying.evaluate(batch([loud]), T0 + 62).events if e.rule == "loud"]
+    assert [(e.event, e.ts) for e in events] == [("raised", T0), ("cleared", T0 + 60)]
+    assert replaying.state[0].announced[0] == 0
+
+
+def test_an_alert_a_late_reading_disproves_is_withdrawn():
+    _, engine = engines(1)
+    first = engine.evaluate(batch([(0, T0, 75.0, 1), (0, T0 + 60, 75.0, 2), (0, T0 + 180, 75.0, 4)]), T0 + 181)
+    raised = [e for e in first.events if e.rule == "held"]
+    assert [e.event for e in raised] == ["raised"]  # three loud readings in a row, as far as it knew
+    late = engine.evaluate(batch([(0, T0 + 120, 50.0, 3)]), T0 + 182).events
+    withdrawn = [e for e in late if e.rule == "held"]
+    assert [(e.event, e.retracted, e.alert_id) for e in withdrawn] == [("cleared", True, raised[0].alert_id)]
+    assert engine.state[1].announced[0] == 0
+    assert engine.replays == 1
+
+
+def test_duplicates_and_too_late_readings_are_still_told_apart():
+    _, engine = engines(1, lateness_s=300)
+    engine.evaluate(batch([(0, T0 + 600, 60.0, 10)]), T0)
+    out = engine.evaluate(batch([(0, T0, 90.0, 1), (0, T0 + 600, 60.0, 10), (0, T0 + 500, 61.0, 9)]), T0)
+    assert out.too_late.tolist() == [0] and out.duplicate.tolist() == [1]
+    assert engine.last_ts[0] == T0 + 600
+
+
+def _disorder(readings: list[tuple[int, float, float, int]], rng: random.Random, lateness_s: float):
+    """The readings in an arrival order where none comes more than ``lateness_s`` after a newer one
+    of its series (so none is too late), split into random batches."""
+    arrival = sorted(readings, key=lambda r: r[1] + rng.uniform(0, lateness_s * 0.9))
+    batches, i = [], 0
+    while i < len(arrival):
+        k = rng.randint(1, 6)
+        batches.append(arrival[i:i + k])
+        i += k
+    return batches
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 4), st.integers(5, 40))
+def test_any_disorder_within_lateness_ends_in_the_state_and_alerts_of_device_time_order(seed, n_series, n):
+    rng = random.Random(seed)
+    readings = []
+    for row in range(n_series):
+        t, level = T0, rng.uniform(55, 85)
+        for k in range(n):
+            t += rng.choice([30.0, 60.0, 90.0])
+            level = min(95.0, max(40.0, level + rng.gauss(0, 6)))
+            readings.append((row, t, round(level, 1), k + 1))
+    reference, engine = engines(n_series, lateness_s=400.0)
+    expected = []
+    for reading in sorted(readings, key=lambda r: r[1]):
+        expected += reference.evaluate(batch([reading]), reading[1]).events
+    told = []
+    for i, part in enumerate(_disorder(readings, rng, 400.0)):
+        told += engine.evaluate(batch(part), T0 + i).events
+        if i % 3 == 0:
+            engine.advance(T0 + i)
+    for mine, theirs in zip(engine.state, reference.state):
+        assert mine.announced.tolist() == theirs.announced.tolist()
+        assert mine.raised_ts.tolist() == theirs.raised_ts.tolist()
+    expected_ids = {e.alert_id for e in expected if e.event == "raised"}
+    raised_ids = {e.alert_id for e in told if e.event == "raised"}
+    assert expected_ids <= raised_ids, "every alert of device-time order was raised"
+    last = {}
+    for e in told:
+        last[e.alert_id] = e
+    for extra in raised_ids - expected_ids:
+        # anything else is over: withdrawn, or an episode that ended before the late reading redrew it
+        assert last[extra].event == "cleared"
+    active = {e.alert_id for e in last.values() if e.event != "cleared"}
+    still = {i for i in expected_ids if [e for e in expected if e.alert_id == i][-1].event != "cleared"}
+    assert active == still, "downstream ends holding exactly the alerts device-time order leaves active"
+
+
+def test_snapshot_keeps_the_shadow_and_the_pending_readings(tmp_path):
+    _, engine = engines(2)
+    engine.evaluate(batch([(0, T0, 60.0, 1), (1, T0, 60.0, 1), (0, T0 + 60, 75.0, 2), (0, T0 + 900, 61.0, 3)]), T0)
+    engine.advance(T0 + 10)
+    saved = engine.snapshot()
+    np.savez(tmp_path / "s.npz", **saved)
+    _, again = engines(2)
+    again.restore(dict(np.load(tmp_path / "s.npz")), now=T0 + 20)
+    assert len(again.pending) == len(engine.pending) > 0
+    a = again.evaluate(batch([(0, T0 + 850, 90.0, 4)]), T0 + 30).events
+    b = engine.evaluate(batch([(0, T0 + 850, 90.0, 4)]), T0 + 30).events
+    assert sorted((e.alert_id, e.event, e.ts) for e in a) == sorted((e.alert_id, e.event, e.ts) for e in b)
+    assert a, "the late loud reading was replayed into alerts"
+
+
+def test_the_gateway_pipeline_replays_a_late_meter_reading_across_batches():
+    """Through decode and the pipeline, as the gateway runs it: a hot reading that arrives after a
+    cooler, newer one raises and clears at once instead of leaving an overheating alert standing."""
+    from gateway.config import load_config
+    from gateway.pipeline import Pipeline
+    from gateway.registry import Registry
+    from tests.conftest import ROOT
+
+    config = load_config(ROOT / "config.yaml", env={})
+    pipeline = Pipeline(config, Registry.from_config(config), started_at=T0)
+    topic = "streetbrain/wangma/meter/mtr-wangma-001/telemetry"
+    now = 1_800_000_000.0
+    first = pipeline.process([(topic, b'{"ts": %f, "seq": 2, "temp_c": 35.0}' % (now - 60))], now)
+    assert not first.alerts
+    late = pipeline.process([(topic, b'{"ts": %f, "seq": 1, "temp_c": 75.0}' % (now - 120))], now + 1)
+    overheat = [(e.event, e.ts) for e in late.alerts if e.rule == "meter_overheat"]
+    assert overheat == [("raised", now - 120), ("cleared", now - 60)]
+    assert not late.deadletters
