@@ -21,6 +21,7 @@ import numpy as np
 
 
 from detectors import flapping, runs
+from detectors.anomaly import Anomaly
 from detectors.cusum import Cusum
 from detectors.rebound import Rebound
 from detectors.compare import compare
@@ -161,6 +162,8 @@ def kernel_rates(n: int) -> dict[str, float]:
     rebound, cusum = Rebound(n), Cusum(n, 0.01, 0.5, 20)
     timed("rebound.step", lambda: rebound.step(rows, values))
     timed("cusum.step", lambda: cusum.step(rows, values))
+    anomaly = Anomaly(n)
+    timed("anomaly.step", lambda: anomaly.step(rows, values))
     for name in ("leq", "max", "p90", "rise_per_min", "robust_z"):
         timed(f"window {name} (16 samples)", lambda name=name: window(name), repeat=5)
     return out

@@ -28,6 +28,7 @@ import numpy as np
 
 from detectors import flapping as flap
 from detectors import runs, schedule
+from detectors.anomaly import Anomaly
 from detectors.cusum import Cusum
 from detectors.ewma import Ewma
 from detectors.rebound import Rebound
@@ -160,9 +161,14 @@ def tag_bumps(escalate: dict[str, int], series: SeriesInfo) -> np.ndarray:
     return bump
 
 
-def make_transform(spec: Transform, n_series: int) -> Rebound | Ewma | Cusum:
+StatefulTransform = Rebound | Ewma | Cusum | Anomaly
+
+
+def make_transform(spec: Transform, n_series: int) -> StatefulTransform:
     if spec.kind == "rebound":
         return Rebound(n_series)
+    if spec.kind == "anomaly":
+        return Anomaly(n_series, warmup=spec.warmup)
     if spec.kind == "ewma_z":
         return Ewma(n_series, spec.alpha, spec.warmup)
     return Cusum(n_series, spec.alpha, spec.k, spec.warmup)
@@ -325,7 +331,7 @@ class KindEngine:
         for i, (rule, state) in enumerate(zip(self.rules, self.state)):
             self._step_rule(rule, state, self.transforms.get(i), rows, ts, values, gateway_time, events)
 
-    def _step_rule(self, rule: CompiledRule, state: RuleState, transform: Rebound | Ewma | Cusum | None,
+    def _step_rule(self, rule: CompiledRule, state: RuleState, transform: StatefulTransform | None,
                    rows: np.ndarray, ts: np.ndarray, values: np.ndarray, gateway_time: float,
                    events: list[AlertEvent]) -> None:
         spec = rule.rule

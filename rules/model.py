@@ -110,9 +110,13 @@ class Transform(Strict):
     tapered and draws more again: thermal runaway); a reading ≤ 0 ends the session. ``ewma_z``: the
     reading's z-score against the series' own exponentially weighted mean and variance. ``cusum``:
     the two-sided CUSUM of that z-score, for slow drift (a smoke chamber getting dirty).
+    ``anomaly``: the anomaly score in [0, 1] of ``detectors/anomaly.py`` (spikes, level shifts and
+    variance changes against the series' own history, calibrated on its own score distribution; 0
+    during ``warmup``); ``anomaly_score >= 0.6 for 5 minutes`` is ``raise: {warning: {threshold: 0.6,
+    for_s: 300}}``.
     """
 
-    kind: Literal["rebound", "ewma_z", "cusum"]
+    kind: Literal["rebound", "ewma_z", "cusum", "anomaly"]
     alpha: float = Field(default=0.05, gt=0, le=1, description="EWMA weight of a new reading")
     k: float = Field(default=0.5, ge=0, description="CUSUM slack, in standard deviations")
     warmup: int = Field(default=20, ge=1, description="readings before a score is given")

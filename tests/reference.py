@@ -13,6 +13,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from scipy.special import log_ndtr
+
 from rules.model import Condition, ParamRef, Rule, parse_schedule
 
 UTC_OFFSET_S = 8 * 3600
@@ -30,8 +32,66 @@ def median(values: list[float]) -> float:
     return (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
 
 
+class PlainEwm:
+    """A bias-corrected exponentially weighted mean, one reading at a time."""
+
+    def __init__(self, alpha: float):
+        self.alpha, self.raw = alpha, 0.0
+
+    def corrected(self, raw: float, n: int) -> float:
+        return raw / max(1.0 - (1.0 - self.alpha) ** n, 1e-300)
+
+    def step(self, u: float, n: int) -> tuple[float, float]:
+        """(mean after this reading, mean before it); ``n`` readings seen after it."""
+        before = self.corrected(self.raw, n - 1)
+        self.raw = self.alpha * u + (1.0 - self.alpha) * self.raw
+        return self.corrected(self.raw, n), before
+
+
+class PlainAnomaly:
+    """The anomaly score of detectors/anomaly.py (without its seasonal view), reading by reading."""
+
+    def __init__(self, warmup: int, medium: float = 0.05, short: float = 0.1, long: float = 0.01,
+                 calibration: float = 0.0005, decay: float = 0.01, echo: float = 0.1):
+        self.warmup, self.decay, self.echo = warmup, decay, echo
+        self.mean, self.spread = PlainEwm(medium), PlainEwm(medium)
+        self.short_var, self.long_var = PlainEwm(short), PlainEwm(long)
+        self.level, self.level_var = PlainEwm(long), PlainEwm(long)
+        self.calibration = {name: (PlainEwm(calibration), PlainEwm(calibration)) for name in ("spike", "vol")}
+        self.count, self.origin, self.peak = 0, 0.0, 0.0
+
+    def step(self, v: float) -> float:
+        if self.count == 0:
+            self.origin = v
+        x, n = v - self.origin, self.count + 1
+        self.count = n
+        _, mean_before = self.mean.step(x, n)
+        error = x - mean_before if n > 1 else 0.0
+        _, spread_before = self.spread.step(error * error, n)
+        short_var, _ = self.short_var.step(error * error, n)
+        _, long_var_before = self.long_var.step(error * error, n)
+        _, level_before = self.level.step(x, n)
+        _, level_var_before = self.level_var.step((x - level_before) ** 2, n)
+        floor = (1e-9 + 1e-6 * abs(mean_before)) ** 2 + 0.1 ** 2 * level_var_before
+        judged = n > 3
+        features = {"spike": abs(error) / math.sqrt(max(spread_before, floor)) if judged else 0.0,
+                    "vol": abs(math.log((short_var + floor) / (long_var_before + floor))) if judged else 0.0}
+        surprise = 0.0
+        for name, feature in features.items():
+            g = math.log1p(feature)
+            g_mean, g_var = self.calibration[name]
+            _, mean = g_mean.step(g, n)
+            _, var = g_var.step((g - mean) ** 2, n)
+            surprise = max(surprise, -float(log_ndtr(-(g - mean) / math.sqrt(max(var, 0.04)))))
+        surprise = surprise if n > self.warmup else 0.0
+        peak_before = max(self.peak - self.decay, 0.0)
+        self.peak = max(peak_before, surprise)
+        novelty = max(surprise - peak_before, 0.0) + self.echo * surprise
+        return novelty / (novelty + 10.0)
+
+
 class Transform:
-    """Plain versions of the stateful transforms (rebound, EWMA z-score, CUSUM) for one series."""
+    """Plain versions of the stateful transforms (rebound, EWMA z-score, CUSUM, anomaly) for one series."""
 
     def __init__(self, kind: str, alpha: float, k: float, warmup: int):
         self.kind, self.alpha, self.k, self.warmup = kind, alpha, k, warmup
@@ -40,8 +100,11 @@ class Transform:
         self.mean = self.var = 0.0
         self.count = 0
         self.high = self.low = 0.0
+        self.anomaly = PlainAnomaly(warmup) if kind == "anomaly" else None
 
     def step(self, v: float) -> float:
+        if self.anomaly is not None:
+            return self.anomaly.step(v)
         if self.kind == "rebound":
             if v <= 0:
                 self.peak = self.trough = None

@@ -1,0 +1,184 @@
+"""Anomaly score: how unlike its own history a reading is, in [0, 1], causal, for many series at once.
+
+Thresholds catch what we can name; this catches what we cannot: a charging port drawing unlike itself,
+a smoke chamber's baseline moving, a noise point behaving out of character. Each reading is scored
+from that reading and earlier ones only, with a fixed handful of numbers per series, and every step
+is vectorised over series *and* over time: a block of T readings of m series is one pass of linear
+filters (``scipy.signal.lfilter``, exact recursions carried across blocks in the state) and
+elementwise numpy, so scoring reading by reading, round by round or a whole file at once gives the
+same scores (to rounding).
+
+The parts, and why each is there:
+
+* **Prediction error against a medium-horizon EWMA** (weight ``medium``), scaled by the EW spread of
+  those errors: a *spike*, and the first readings of a *level shift* (they stay surprising until the
+  mean has moved). The scale never falls below a tenth of the spread of the series' own level, so a
+  series that sits exactly still for hours (a port idling at 0 W) does not find every step infinite. Every EW statistic is bias-corrected (divided by the weight seen so far, as Adam
+  does), so it is an exact running mean early on and an EWMA later, all as one linear filter.
+* **Short against long error variance** (``short`` vs ``long``): a *variance change* — a sensor gone
+  flat or stuck, noise bursting — which no single reading gives away.
+* **Seasonal view** (``period`` readings, 0 = off): the same two features on the difference from one
+  period ago, combined with the plain view by geometric mean, so a pattern that repeats every day
+  (a load peak, a nightly lull) stops being surprising while a spike on a seasonal series is still
+  seen by both.
+* **A learned threshold on the score's own distribution**: each feature (log1p-compressed) is
+  standardised by its own long EW mean and spread (``calibration``, ~2,000 readings) and turned into a
+  surprise, −ln of the Gaussian tail probability. A series that is spiky by nature learns that its
+  spikes are ordinary; a quiet one stays sensitive. This makes scores comparable across series, so
+  one threshold fits a whole kind.
+* **Novelty against a decaying peak** of past surprise (``decay`` nats per reading): what counts is
+  by how much a reading's surprise exceeds the (fading) worst of the recent past, plus a fraction
+  (``echo``) of the surprise itself; one anomaly gives one high score, not a burst, and the first
+  reading of an event scores highest (earliest detection is what matters to an operator).
+* **Warm-up**: 0 for the first ``warmup`` readings of a series, while its statistics are still learning.
+
+The surprise s ≥ 0 maps to the score s / (s + 10): 0.5 at 10 nats (p ≈ 5e-5).
+
+Inspired by the EWMA/CUSUM control-chart family (Roberts 1959, Page 1954) and by the tail
+probability of a detector's own error distribution used by Numenta's anomaly likelihood (Ahmad et
+al. 2017, "Unsupervised real-time anomaly detection for streaming data"); scored on the Numenta
+Anomaly Benchmark by ``bench/nab.py`` (docs/PERFORMANCE.md).
+
+>>> import numpy as np
+>>> rng = np.random.default_rng(1)
+>>> readings = 150 + rng.normal(0, 3, (1, 600))   # a charging port at 150 W
+>>> readings[0, 500] = 420                         # … and one reading it has never drawn
+>>> scores = Anomaly(1).score(np.array([0]), readings)[0]
+>>> int(np.argmax(scores)), bool(scores[500] > 0.5 > scores[200:500].max())
+(500, True)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.signal import lfilter
+from scipy.special import log_ndtr
+
+SCALE_FLOOR = 1e-9  # a perfectly flat history must not make every change infinitely surprising
+RELATIVE_FLOOR = 1e-6  # … nor a series around 10^8 (bytes) judged on rounding noise
+LEVEL_SHARE = 0.1  # … nor a port idling at exactly 0 W judge its plug-ins: a tenth of its level's own spread
+SPREAD_FLOOR = 0.04  # of a feature's log: one that barely varied must not make a wobble a certainty
+MIN_HISTORY = 3  # readings before the first one is judged (their errors make the first spread)
+HALF_SCORE_NATS = 10.0  # surprise at which the score is 0.5
+
+
+class Ewm:
+    """A bias-corrected exponentially weighted mean along time, for a block of several series."""
+
+    def __init__(self, alpha: float):
+        self.alpha = alpha
+        self.keep = 1.0 - alpha
+        self.b = np.array([alpha])
+        self.a = np.array([1.0, -self.keep])
+
+    def seen(self, n: np.ndarray) -> np.ndarray:
+        """Weight the filter has given real readings after ``n`` of them (1 − (1 − alpha)^n)."""
+        return np.maximum(1.0 - self.keep ** n, 1e-300)
+
+    def run(self, u: np.ndarray, last: np.ndarray, seen_after: np.ndarray,
+            seen_before: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean after each reading, mean before it, raw filter state to keep).
+
+        ``last`` is the raw (uncorrected) filter output before the block; ``seen_after`` and
+        ``seen_before`` are :meth:`seen` after and before each reading.
+        """
+        if u.shape[1] == 1:  # one reading per series (the rule engine's rounds): the recursion itself
+            raw = self.alpha * u + (self.keep * last)[:, None]
+        else:
+            raw, _ = lfilter(self.b, self.a, u, axis=1, zi=(self.keep * last)[:, None])
+        before = np.concatenate([last[:, None], raw[:, :-1]], axis=1)
+        return raw / seen_after, before / seen_before, raw[:, -1]
+
+
+VIEW_STATE = ("level", "level_var", "mean", "spread", "short_var", "long_var",
+              "g_spike", "g_spike_var", "g_vol", "g_vol_var")
+
+
+class Anomaly:
+    """Anomaly scores for ``n_series`` series; state in arrays, one row per series."""
+
+    def __init__(self, n_series: int, warmup: int = 100, period: int = 0, medium: float = 0.05,
+                 short: float = 0.1, long: float = 0.01, calibration: float = 0.0005, decay: float = 0.01,
+                 echo: float = 0.1):
+        self.warmup, self.period, self.decay, self.echo = warmup, period, decay, echo
+        self.medium, self.short, self.long, self.calibration = (Ewm(medium), Ewm(short), Ewm(long),
+                                                                Ewm(calibration))
+        self.views = ("plain", "seasonal") if period else ("plain",)
+        self.arrays: dict[str, np.ndarray] = {"count": np.zeros(n_series, dtype=np.int64),
+                                              "origin": np.zeros(n_series), "peak": np.zeros(n_series)}
+        for view in self.views:
+            for name in VIEW_STATE:
+                self.arrays[f"{view}.{name}"] = np.zeros(n_series)
+        if period:
+            self.arrays["lag"] = np.zeros((n_series, period))  # the last period's readings, oldest first
+
+    def grow(self, n_series: int) -> None:
+        for name, a in self.arrays.items():
+            extra = n_series - a.shape[0]
+            if extra > 0:
+                self.arrays[name] = np.concatenate([a, np.zeros((extra, *a.shape[1:]), dtype=a.dtype)])
+
+    def state(self) -> dict[str, np.ndarray]:
+        return self.arrays
+
+    def step(self, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Score one reading per row (rows unique, values not NaN), then learn it."""
+        return self.score(rows, values[:, None])[:, 0]
+
+    def score(self, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Score a block: ``values[i, t]`` is the t-th next reading of series ``rows[i]`` (rows unique)."""
+        state = self.arrays
+        width = values.shape[1]
+        seen = state["count"][rows]
+        new = seen == 0
+        state["origin"][rows[new]] = values[new, 0]  # centred on its first reading: no cancellation at 1e8
+        x = values - state["origin"][rows][:, None]
+        n = seen[:, None] + 1 + np.arange(width)[None, :]  # readings seen after each one
+        surprise = self._view(rows, x, n, "plain")
+        if self.period:
+            joined = np.concatenate([state["lag"][rows], x], axis=1)
+            state["lag"][rows] = joined[:, -self.period:]
+            seasonal = self._view(rows, x - joined[:, :width], n, "seasonal")
+            # until a period and a warm-up have passed, the seasonal view compares with nothing
+            surprise = np.where(n > self.period + self.warmup, np.sqrt(surprise * seasonal), surprise)
+        surprise = np.where(n > self.warmup, surprise, 0.0)
+        # decaying peak P ← max(s, P − decay), as a running maximum of s + decay·t
+        lift = self.decay * np.arange(1, width + 1)[None, :]
+        held = np.maximum.accumulate(np.concatenate([state["peak"][rows][:, None], surprise + lift], axis=1),
+                                     axis=1)
+        peak_before = np.maximum(held[:, :-1] - lift, 0.0)
+        state["peak"][rows] = held[:, -1] - lift[0, -1]
+        state["count"][rows] = seen + width
+        novelty = np.maximum(surprise - peak_before, 0.0) + self.echo * surprise
+        return novelty / (novelty + HALF_SCORE_NATS)
+
+    def _view(self, rows: np.ndarray, x: np.ndarray, n: np.ndarray, view: str) -> np.ndarray:
+        """Surprise (nats) of each reading of one view: the larger of its spike and volatility features."""
+        state = self.arrays
+        seen = {f: (f.seen(n), f.seen(n - 1)) for f in (self.medium, self.short, self.long, self.calibration)}
+
+        def ewm(f: Ewm, name: str, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            after, before, last = f.run(u, state[f"{view}.{name}"][rows], *seen[f])
+            state[f"{view}.{name}"][rows] = last
+            return after, before
+
+        _, level_before = ewm(self.long, "level", x)
+        _, level_var_before = ewm(self.long, "level_var", (x - level_before) ** 2)
+        _, mean_before = ewm(self.medium, "mean", x)
+        error = np.where(n > 1, x - mean_before, 0.0)
+        square = error * error
+        _, spread_before = ewm(self.medium, "spread", square)
+        short_var, _ = ewm(self.short, "short_var", square)
+        _, long_var_before = ewm(self.long, "long_var", square)
+        floor = (SCALE_FLOOR + RELATIVE_FLOOR * np.abs(mean_before)) ** 2 + LEVEL_SHARE ** 2 * level_var_before
+        judged = n > MIN_HISTORY  # with fewer errors behind it a spread is no yardstick yet
+        spike = np.where(judged, np.abs(error) / np.sqrt(np.maximum(spread_before, floor)), 0.0)
+        volatility = np.where(judged, np.abs(np.log((short_var + floor) / (long_var_before + floor))), 0.0)
+        surprise = np.zeros_like(x)
+        for name, feature in (("g_spike", spike), ("g_vol", volatility)):
+            g = np.log1p(feature)
+            _, g_mean = ewm(self.calibration, name, g)
+            _, g_var = ewm(self.calibration, name + "_var", (g - g_mean) ** 2)
+            tail = (g - g_mean) / np.sqrt(np.maximum(g_var, SPREAD_FLOOR))
+            surprise = np.maximum(surprise, -log_ndtr(-tail))
+        return surprise

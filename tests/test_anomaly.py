@@ -1,0 +1,232 @@
+"""The anomaly score (detectors/anomaly.py): causal, bounded, in [0, 1], quiet on noise and loud on a
+spike or a level shift, the same for one series or many, across blocks and across a restart; the NAB
+bench's output layout; an ``anomaly`` rule raising an alert through the engine."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from detectors.anomaly import Anomaly
+from gateway.config import load_config
+from gateway.schemas import READING_MODELS
+from rules.engine import ColumnBatch, KindEngine
+from rules.model import KindProfile
+from tests.conftest import ROOT
+from tests.test_rules import Series
+
+STREET = load_config(ROOT / "config.yaml", env={})
+
+
+def noise(n: int, seed: int = 0, level: float = 150.0, sigma: float = 3.0) -> np.ndarray:
+    return level + np.random.default_rng(seed).normal(0, sigma, n)
+
+
+def scores(values: np.ndarray, **options) -> np.ndarray:
+    return Anomaly(1, **options).score(np.array([0]), np.asarray(values, dtype=float)[None, :])[0]
+
+
+@pytest.mark.parametrize("period", [0, 24])
+def test_appending_or_changing_future_readings_never_changes_an_earlier_score(period):
+    past = noise(400, seed=1)
+    alone = scores(past, period=period)
+    rng = np.random.default_rng(2)
+    for future in (noise(200, seed=3), past[:50] * 10, rng.standard_cauchy(300) * 1e3):
+        extended = scores(np.concatenate([past, future]), period=period)
+        np.testing.assert_array_equal(extended[:400], alone)
+
+
+def test_state_is_a_fixed_set_of_arrays_whatever_the_number_of_readings():
+    def state_bytes(readings: int) -> dict[str, int]:
+        detector = Anomaly(3, period=24)
+        detector.score(np.arange(3), np.tile(noise(readings), (3, 1)))
+        return {name: a.nbytes for name, a in detector.state().items()}
+
+    assert state_bytes(10) == state_bytes(20000)
+    plain = Anomaly(1)
+    assert sum(a.nbytes for a in plain.state().values()) <= 128  # per series, without a seasonal view
+
+
+def test_scores_stay_within_0_and_1_on_hostile_series():
+    rng = np.random.default_rng(4)
+    hostile = [np.zeros(500), np.full(500, 1e8) + rng.normal(0, 1, 500), rng.standard_cauchy(500) * 1e6,
+               np.repeat([0.0, 1000.0], 250), np.where(rng.random(500) < 0.5, 0.0, 1e-12), np.arange(500.0) ** 3]
+    for series in hostile:
+        result = scores(series, warmup=5)
+        assert np.all(np.isfinite(result)) and result.min() >= 0.0 and result.max() <= 1.0
+
+
+def test_stationary_noise_scores_low_after_the_warm_up_and_zero_during_it():
+    result = scores(noise(3000, seed=5), warmup=100)
+    assert np.all(result[:100] == 0.0)
+    assert result[100:].max() < 0.3
+
+
+def test_an_injected_spike_scores_highest_and_high():
+    series = noise(1000, seed=6)
+    series[700] += 60  # 20 σ
+    result = scores(series)
+    assert int(np.argmax(result)) == 700
+    assert result[700] > 0.5 > result[100:700].max()
+
+
+def test_a_level_shift_is_flagged_at_its_first_readings_and_once():
+    series = noise(1200, seed=7)
+    series[800:] += 30  # a port drawing 10 σ more from one reading on
+    result = scores(series)
+    assert result[800:803].max() > 0.5 > result[100:800].max()
+    assert result[820:].max() < 0.5  # one anomaly, one high score: the new level is soon the norm
+
+
+def test_a_variance_change_is_flagged():
+    series = noise(1500, seed=8)
+    series[1000:] = 150 + np.random.default_rng(9).normal(0, 30, 500)  # same level, ten times the spread
+    result = scores(series)
+    assert result[1000:1020].max() > 0.5 > result[100:1000].max()
+
+
+def test_many_series_in_one_block_score_as_each_does_alone():
+    rng = np.random.default_rng(10)
+    block = np.stack([noise(600, seed=s, level=10.0 ** s, sigma=1.0 + s) for s in range(5)])
+    block[2, 400] += 500
+    together = Anomaly(5, period=24).score(np.arange(5), block)
+    for row in range(5):
+        np.testing.assert_array_equal(together[row], scores(block[row], period=24))
+    # rows in any order, and a subset of the detector's series
+    detector = Anomaly(7, period=24)
+    order = rng.permutation(5) + 2
+    shuffled = detector.score(order, block[order - 2])
+    np.testing.assert_array_equal(shuffled, together[order - 2])
+
+
+def test_blocks_rounds_and_one_reading_at_a_time_agree():
+    series = noise(700, seed=11)
+    series[500] += 50
+    whole = scores(series, period=24)
+    detector = Anomaly(1, period=24)
+    pieces = np.concatenate([detector.score(np.array([0]), series[None, a:b])[0]
+                             for a, b in [(0, 1), (1, 64), (64, 300), (300, 301), (301, 700)]])
+    stepper = Anomaly(1, period=24)
+    one_by_one = np.array([stepper.step(np.array([0]), np.array([v]))[0] for v in series])
+    np.testing.assert_allclose(pieces, whole, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(one_by_one, whole, rtol=0, atol=1e-12)
+
+
+def test_a_restored_snapshot_continues_exactly_where_it_left_off():
+    block = np.stack([noise(900, seed=12), noise(900, seed=13, level=20.0)])
+    block[1, 700] += 40
+    straight = Anomaly(2, period=24)
+    expected = np.concatenate([straight.score(np.arange(2), block[:, :450]),
+                               straight.score(np.arange(2), block[:, 450:])], axis=1)
+    first = Anomaly(2, period=24)
+    first.score(np.arange(2), block[:, :450])
+    saved = {name: a.copy() for name, a in first.state().items()}
+    second = Anomaly(2, period=24)
+    for name, a in second.state().items():
+        a[...] = saved[name]
+    np.testing.assert_array_equal(second.score(np.arange(2), block[:, 450:]), expected[:, 450:])
+
+
+def test_grown_series_start_fresh_beside_the_old_ones():
+    detector = Anomaly(1)
+    detector.score(np.array([0]), noise(300)[None, :])
+    detector.grow(3)
+    np.testing.assert_array_equal(detector.score(np.array([2]), noise(300, seed=14)[None, :])[0],
+                                  scores(noise(300, seed=14)))
+
+
+# -- the NAB bench ----------------------------------------------------------------------------------
+
+def test_nab_bench_writes_one_result_row_per_input_row_in_nab_layout(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "results"
+    written = {}
+    for category, name, rows, step_s in [("artificialWithAnomaly", "art_a.csv", 300, 300),
+                                         ("realAdExchange", "ex_b.csv", 120, 3600)]:
+        (data / category).mkdir(parents=True)
+        values = noise(rows, seed=rows)
+        stamps = [np.datetime_as_string(np.datetime64("2014-04-01T00:00:00") + np.timedelta64(i * step_s, "s"))
+                  .replace("T", " ") for i in range(rows)]
+        lines = ["timestamp,value"] + [f"{t},{v:.3f}" for t, v in zip(stamps, values)]
+        (data / category / name).write_text("\n".join(lines) + "\n")
+        written[(category, name)] = [line.split(",") for line in lines[1:]]
+    run = subprocess.run([sys.executable, "-m", "bench.nab", "--data", str(data), "--out", str(out), "--cpu", "-1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "readings/s" in run.stdout and "series/s" in run.stdout
+    for (category, name), rows in written.items():
+        with (out / category / f"streetbrain_{name}").open() as handle:
+            result = list(csv.reader(handle))
+        assert result[0] == ["timestamp", "value", "anomaly_score"]
+        assert [r[:2] for r in result[1:]] == rows
+        assert all(0.0 <= float(r[2]) <= 1.0 for r in result[1:])
+
+
+# -- rules ------------------------------------------------------------------------------------------
+
+def anomaly_engine(rule: dict, n: int = 1) -> KindEngine:
+    profile = KindProfile.model_validate({"rules": {"unusual": rule}})
+    return KindEngine("noise", profile, ("laeq_db",), Series(n), started_at=0)
+
+
+def feed(engine: KindEngine, values: np.ndarray, t0: float = 1.8e9, step_s: float = 60.0):
+    n = values.shape[0]
+    batch = ColumnBatch(np.zeros(n, dtype=np.int64), t0 + step_s * np.arange(n), values.reshape(n, 1), ("laeq_db",))
+    return engine.evaluate(batch, gateway_time=t0)
+
+
+def test_anomaly_score_rule_raises_once_on_a_jump_and_clears_after_its_debounce():
+    engine = anomaly_engine({"field": "laeq_db", "transform": {"kind": "anomaly", "warmup": 100},
+                             "raise": {"warning": 0.5}, "clear": {"threshold": 0.2, "for_s": 600}})
+    levels = noise(600, seed=15, level=52.0, sigma=1.0)
+    levels[400] = 75.0  # a sudden new source, under any fixed limit a daytime zone 4a point has
+    events = feed(engine, levels).events
+    assert [(e.event, e.severity, e.ts - 1.8e9) for e in events] == [("raised", "warning", 400 * 60.0),
+                                                                    ("cleared", "warning", 411 * 60.0)]
+    assert events[0].value >= 0.5 and events[0].threshold == 0.5
+
+
+def test_anomaly_score_held_for_a_duration_needs_the_anomaly_to_last():
+    rule = {"field": "laeq_db", "transform": {"kind": "anomaly", "warmup": 100},
+            "raise": {"info": {"threshold": 0.07, "for_s": 300}}, "clear": 0.03}
+    calm = noise(500, seed=16, level=52.0, sigma=1.0)
+    erratic = calm.copy()
+    erratic[400:] = 52.0 + np.random.default_rng(17).normal(0, 12, 100)  # a microphone gone erratic
+    assert [e.event for e in feed(anomaly_engine(rule), calm).events] == []
+    assert [e.event for e in feed(anomaly_engine(rule), erratic).events][:1] == ["raised"]
+
+
+def test_anomaly_rule_state_survives_a_snapshot_and_restore():
+    rule = {"field": "laeq_db", "transform": {"kind": "anomaly", "warmup": 100}, "raise": {"warning": 0.5}}
+    levels = noise(600, seed=18, level=52.0, sigma=1.0)
+    levels[500] = 75.0
+    first = anomaly_engine(rule)
+    feed(first, levels[:300])
+    second = anomaly_engine(rule)
+    assert second.restore({k: v.copy() for k, v in first.snapshot().items()}, now=1.8e9) == 1
+    resumed = feed(second, levels[300:], t0=1.8e9 + 300 * 60)
+    straight = anomaly_engine(rule)
+    expected = feed(straight, levels)
+    assert [(e.event, e.ts, e.value) for e in resumed.events] == [(e.event, e.ts, e.value) for e in expected.events]
+    assert [e.event for e in expected.events] == ["raised", "cleared"]
+
+
+def test_shipped_supply_voltage_anomaly_rule_catches_a_supply_gone_erratic_within_fixed_limits():
+    profile = STREET.kinds["ev_charger"]
+    fields = READING_MODELS["ev_charger"].FIELDS
+    engine = KindEngine("ev_charger", profile, fields, Series(2, attributes=[{"rated_power_w": 1000.0}] * 2),
+                        started_at=0)
+    steady = noise(800, seed=19, level=220.0, sigma=1.0)
+    failing = steady.copy()
+    failing[600:] = 220.0 + np.random.default_rng(20).normal(0, 12, 200)  # a loose connection upstream
+    values = np.full((1600, len(fields)), np.nan)
+    values[:, fields.index("voltage_v")] = np.concatenate([steady, failing])
+    rows = np.repeat(np.arange(2), 800)
+    batch = ColumnBatch(rows, 1.8e9 + 30.0 * np.tile(np.arange(800), 2), values, fields)
+    events = engine.evaluate(batch, gateway_time=1.8e9).events
+    raised = [(e.device_id, e.rule, e.severity, e.ts - 1.8e9) for e in events if e.event == "raised"]
+    assert [r[:3] for r in raised] == [("d1", "supply_voltage_anomaly", "warning")]
+    assert 600 * 30.0 <= raised[0][3] <= 605 * 30.0  # within its first readings
