@@ -17,6 +17,9 @@ The parts, and why each is there:
   does), so it is an exact running mean early on and an EWMA later, all as one linear filter.
 * **Short against long error variance** (``short`` vs ``long``): a *variance change* — a sensor gone
   flat or stuck, noise bursting — which no single reading gives away.
+* **Short mean against the long level** (``short`` vs ``long``), in units of what a short mean of the
+  series' own spread would wander: a *level shift* or a drift that has lasted a few readings, with
+  more certainty than any one reading of it carries.
 * **Seasonal view** (``period`` readings, 0 = off): the same two features on the difference from one
   period ago, combined with the plain view by geometric mean, so a pattern that repeats every day
   (a load peak, a nightly lull) stops being surprising while a spike on a seasonal series is still
@@ -25,7 +28,8 @@ The parts, and why each is there:
   standardised by its own long EW mean and spread (``calibration``, ~2,000 readings) and turned into a
   surprise, −ln of the Gaussian tail probability. A series that is spiky by nature learns that its
   spikes are ordinary; a quiet one stays sensitive. This makes scores comparable across series, so
-  one threshold fits a whole kind.
+  one threshold fits a whole kind. The features' surprises add up (beyond ln 2 each: evidence
+  stronger than a coin flip), so a reading that is a spike *and* a shift counts more than either.
 * **Novelty against a decaying peak** of past surprise (``decay`` nats per reading): what counts is
   by how much a reading's surprise exceeds the (fading) worst of the recent past, plus a fraction
   (``echo``) of the surprise itself; one anomaly gives one high score, not a burst, and the first
@@ -60,6 +64,7 @@ LEVEL_SHARE = 0.1  # … nor a port idling at exactly 0 W judge its plug-ins: a 
 SPREAD_FLOOR = 0.04  # of a feature's log: one that barely varied must not make a wobble a certainty
 MIN_HISTORY = 3  # readings before the first one is judged (their errors make the first spread)
 HALF_SCORE_NATS = 10.0  # surprise at which the score is 0.5
+LN_2 = float(np.log(2.0))
 
 
 class Ewm:
@@ -90,8 +95,8 @@ class Ewm:
         return raw / seen_after, before / seen_before, raw[:, -1]
 
 
-VIEW_STATE = ("level", "level_var", "mean", "spread", "short_var", "long_var",
-              "g_spike", "g_spike_var", "g_vol", "g_vol_var")
+VIEW_STATE = ("level", "level_var", "mean", "spread", "short_var", "long_var", "short_mean",
+              "g_spike", "g_spike_var", "g_vol", "g_vol_var", "g_shift", "g_shift_var")
 
 
 class Anomaly:
@@ -103,6 +108,7 @@ class Anomaly:
         self.warmup, self.period, self.decay, self.echo = warmup, period, decay, echo
         self.medium, self.short, self.long, self.calibration = (Ewm(medium), Ewm(short), Ewm(long),
                                                                 Ewm(calibration))
+        self.short_share = short / (2.0 - short)  # variance of a short EW mean of white noise, per unit
         self.views = ("plain", "seasonal") if period else ("plain",)
         self.arrays: dict[str, np.ndarray] = {"count": np.zeros(n_series, dtype=np.int64),
                                               "origin": np.zeros(n_series), "peak": np.zeros(n_series)}
@@ -153,7 +159,7 @@ class Anomaly:
         return novelty / (novelty + HALF_SCORE_NATS)
 
     def _view(self, rows: np.ndarray, x: np.ndarray, n: np.ndarray, view: str) -> np.ndarray:
-        """Surprise (nats) of each reading of one view: the larger of its spike and volatility features."""
+        """Surprise (nats) of each reading of one view: its spike, volatility and shift evidence added up."""
         state = self.arrays
         seen = {f: (f.seen(n), f.seen(n - 1)) for f in (self.medium, self.short, self.long, self.calibration)}
 
@@ -174,11 +180,15 @@ class Anomaly:
         judged = n > MIN_HISTORY  # with fewer errors behind it a spread is no yardstick yet
         spike = np.where(judged, np.abs(error) / np.sqrt(np.maximum(spread_before, floor)), 0.0)
         volatility = np.where(judged, np.abs(np.log((short_var + floor) / (long_var_before + floor))), 0.0)
+        short_mean, _ = ewm(self.short, "short_mean", x)
+        shift = np.where(judged, np.abs(short_mean - level_before)
+                         / np.sqrt(np.maximum(level_var_before, floor) * self.short_share), 0.0)
         surprise = np.zeros_like(x)
-        for name, feature in (("g_spike", spike), ("g_vol", volatility)):
+        for name, feature in (("g_spike", spike), ("g_vol", volatility), ("g_shift", shift)):
             g = np.log1p(feature)
             _, g_mean = ewm(self.calibration, name, g)
             _, g_var = ewm(self.calibration, name + "_var", (g - g_mean) ** 2)
             tail = (g - g_mean) / np.sqrt(np.maximum(g_var, SPREAD_FLOOR))
-            surprise = np.maximum(surprise, -log_ndtr(-tail))
+            # independent evidence adds up; only what is beyond a coin flip (p < 1/2) counts
+            surprise += np.maximum(-log_ndtr(-tail) - LN_2, 0.0)
         return surprise

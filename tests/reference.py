@@ -57,7 +57,9 @@ class PlainAnomaly:
         self.mean, self.spread = PlainEwm(medium), PlainEwm(medium)
         self.short_var, self.long_var = PlainEwm(short), PlainEwm(long)
         self.level, self.level_var = PlainEwm(long), PlainEwm(long)
-        self.calibration = {name: (PlainEwm(calibration), PlainEwm(calibration)) for name in ("spike", "vol")}
+        self.short_mean = PlainEwm(short)
+        self.short_share = short / (2.0 - short)
+        self.calibration = {name: (PlainEwm(calibration), PlainEwm(calibration)) for name in ("spike", "vol", "shift")}
         self.count, self.origin, self.peak = 0, 0.0, 0.0
 
     def step(self, v: float) -> float:
@@ -73,16 +75,19 @@ class PlainAnomaly:
         _, level_before = self.level.step(x, n)
         _, level_var_before = self.level_var.step((x - level_before) ** 2, n)
         floor = (1e-9 + 1e-6 * abs(mean_before)) ** 2 + 0.1 ** 2 * level_var_before
+        short_mean, _ = self.short_mean.step(x, n)
         judged = n > 3
         features = {"spike": abs(error) / math.sqrt(max(spread_before, floor)) if judged else 0.0,
-                    "vol": abs(math.log((short_var + floor) / (long_var_before + floor))) if judged else 0.0}
+                    "vol": abs(math.log((short_var + floor) / (long_var_before + floor))) if judged else 0.0,
+                    "shift": abs(short_mean - level_before) / math.sqrt(max(level_var_before, floor) * self.short_share)
+                    if judged else 0.0}
         surprise = 0.0
         for name, feature in features.items():
             g = math.log1p(feature)
             g_mean, g_var = self.calibration[name]
             _, mean = g_mean.step(g, n)
             _, var = g_var.step((g - mean) ** 2, n)
-            surprise = max(surprise, -float(log_ndtr(-(g - mean) / math.sqrt(max(var, 0.04)))))
+            surprise += max(-float(log_ndtr(-(g - mean) / math.sqrt(max(var, 0.04)))) - math.log(2.0), 0.0)
         surprise = surprise if n > self.warmup else 0.0
         peak_before = max(self.peak - self.decay, 0.0)
         self.peak = max(peak_before, surprise)

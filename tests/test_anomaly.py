@@ -63,7 +63,7 @@ def test_scores_stay_within_0_and_1_on_hostile_series():
 def test_stationary_noise_scores_low_after_the_warm_up_and_zero_during_it():
     result = scores(noise(3000, seed=5), warmup=100)
     assert np.all(result[:100] == 0.0)
-    assert result[100:].max() < 0.3
+    assert result[100:].max() < 0.5  # the most unusual of 2,900 Gaussian readings (≈ 3.5 σ) stays under 0.5
 
 
 def test_an_injected_spike_scores_highest_and_high():
