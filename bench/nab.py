@@ -2,7 +2,8 @@
 results layout, with its throughput.
 
     .venv/bin/python -m bench.nab --data ../shared/data/nab-dev/data --out /tmp/nab-results
-    python3 ../shared/tools/nab_score.py /tmp/nab-results --nab-root ../shared/data/nab-dev --allow-subset
+    python3 ../shared/tools/nab_score.py /tmp/nab-results --nab-root ../shared/data/nab-dev --allow-subset \
+        --detector streetbrain      # the results are streetbrain_<file>.csv
 
 Every ``DATA/<category>/<file>.csv`` (columns ``timestamp,value``) is one series, as one device of a
 kind would be: series sampled at the same interval share one detector, whose seasonal period is a day
