@@ -519,16 +519,14 @@ def _city_memory(count: int, results: Any) -> None:
     # A second reading each, kept as the gateway keeps recent readings for the dashboard, filled to the
     # depth it allows (copies of the reading, new objects each as real readings would be).
     depth = recent_readings_depth(series)
-    buffers: dict[str, list[Any]] = {}
+    buffers: dict[str, tuple[Any, ...]] = {}
     pipeline.keep_readings = True
     for chunk in chunks(now - 4):
         for kind, _, device_id, reading in pipeline.process(chunk, now).accepted:
-            buffer = buffers.setdefault(device_id, [])
             values = tuple(reading.__dict__[name] for name in FIELDS[kind])
-            for k in range(depth):
-                buffer.append((reading.ts + k, reading.__dict__.get("port") or 0,
-                               tuple(v * 1.0 if type(v) is float else v for v in values)))
-            del buffer[:-depth]
+            entries = tuple((reading.ts + k, reading.__dict__.get("port") or 0,
+                             tuple(v * 1.0 if type(v) is float else v for v in values)) for k in range(depth))
+            buffers[device_id] = (buffers.get(device_id, ()) + entries)[-depth:]
     gc.collect()
     results.put({"devices": count, "series": series, "base_mb": base, "registered_mb": registered,
                  "stepped_mb": stepped, "state_mb": state / 2**20, "valid": sum(pipeline.stats.valid.values()),

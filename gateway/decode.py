@@ -108,21 +108,19 @@ class RateLimiter:
     def __init__(self, rate_per_s: float, burst: int):
         self.rate = rate_per_s
         self.burst = float(burst)
-        self.buckets: dict[str, list[float]] = {}  # device → [tokens, last refill]
+        # device → (tokens, last refill): a tuple of floats, which the garbage collector stops tracking
+        # (a list per device of a city was walked by every full collection)
+        self.buckets: dict[str, tuple[float, float]] = {}
         self.floods: dict[str, list[float]] = {}  # device → [started, last drop, dropped]
 
     def allow(self, device_id: str, now: float) -> bool:
         if self.rate <= 0:
             return True
-        bucket = self.buckets.get(device_id)
-        if bucket is None:
-            bucket = self.buckets[device_id] = [self.burst, now]
-        bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
-        bucket[1] = now
-        if bucket[0] >= 1.0:
-            bucket[0] -= 1.0
-            return True
-        return False
+        tokens, last = self.buckets.get(device_id, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        allowed = tokens >= 1.0
+        self.buckets[device_id] = (tokens - 1.0 if allowed else tokens, now)
+        return allowed
 
     def dropped(self, device_id: str, now: float) -> bool:
         """Record a drop; True when it starts a flood episode."""

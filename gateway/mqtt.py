@@ -364,14 +364,29 @@ class Receiver:
     def __len__(self) -> int:
         return len(self.urgent) + len(self.buffer)
 
-    def ack(self, messages: list[Inbound]) -> None:
-        """PUBACK what was processed, on the connection it came from, in one write by the I/O thread."""
+    @staticmethod
+    def pubacks(messages: list[Inbound]) -> list[tuple[int, bytes, int]]:
+        """The PUBACKs of processed messages, to be sent later: (connection generation, frames,
+        messages). Kept instead of the messages themselves while they wait for a snapshot: a second's
+        worth of objects would otherwise climb through every generation of the garbage collector."""
+        frames: dict[int, list[bytes]] = {}
+        for message in messages:
+            if message.qos == 1:
+                frames.setdefault(message.generation, []).append(b"\x40\x02" + message.mid.to_bytes(2, "big"))
+        return [(generation, b"".join(acks), len(acks)) for generation, acks in frames.items()]
+
+    def send_pubacks(self, pending: list[tuple[int, bytes, int]]) -> None:
+        """Send PUBACKs from :meth:`pubacks` in one write by the I/O thread; only those of the current
+        connection (the broker redelivers the others on its own)."""
         generation = self.generation
-        acks = b"".join(b"\x40\x02" + m.mid.to_bytes(2, "big") for m in messages
-                        if m.qos == 1 and m.generation == generation)
+        acks = b"".join(frames for g, frames, _ in pending if g == generation)
         if acks:
             self._outgoing.append(acks)
             self._poke()
+
+    def ack(self, messages: list[Inbound]) -> None:
+        """PUBACK what was processed, on the connection it came from."""
+        self.send_pubacks(self.pubacks(messages))
 
 
 class Publisher:

@@ -106,10 +106,11 @@ class Gateway:
         # accepted readings are kept: for the telemetry store and the dashboard's recent readings
         self.pipeline = Pipeline(self.config, self.registry, self.stats, keep_readings=True)
         self.receiver: Receiver | None = None
-        self.unacked: list[Any] = []  # processed, waiting for the snapshot that includes them
+        # PUBACKs of messages processed, waiting for the snapshot that includes them: (connection, frames, count)
+        self.unacked: list[tuple[int, bytes, int]] = []
         self.recent_alerts: deque[dict[str, Any]] = deque(maxlen=RECENT_ALERTS)
-        # a plain list per device, trimmed from the front: a deque costs ~600 bytes before its first item
-        self.readings_buffer: dict[str, list[tuple[float, int, tuple[Any, ...]]]] = {}
+        # a tuple per device (see _remember); a deque would cost ~600 bytes before its first item
+        self.readings_buffer: dict[str, tuple[tuple[float, int, tuple[Any, ...]], ...]] = {}
         self.recent_depth = recent_readings_depth(sum(len(s) for s in self.registry.series.values()))
         self._poke: asyncio.Event | None = None
         self.address: BrokerAddress | None = None
@@ -263,7 +264,7 @@ class Gateway:
             batch = receiver.drain(self.config.ingest.batch_max)
             self.stats.ingest_queue_depth = len(receiver)
             self.stats.ingest_urgent_depth = len(receiver.urgent)
-            self.stats.ingest_unacked = len(self.unacked)
+            self.stats.ingest_unacked = sum(n for _, _, n in self.unacked)
             if not batch:
                 return
             now = time.time()
@@ -284,7 +285,7 @@ class Gateway:
             else:
                 await self._publish(outcome, publisher, now)
             # acknowledged once a snapshot holds what these readings did (see _commit)
-            self.unacked.extend(batch)
+            self.unacked.extend(receiver.pubacks(batch))
             self.stats.publish_failures = publisher.failures
             if not everything:
                 return
@@ -354,9 +355,9 @@ class Gateway:
             log.error("could not write the detector snapshot; readings stay unacknowledged",
                       extra={"error": str(exc)})
             return
-        receiver.ack(self.unacked[:covered])
+        receiver.send_pubacks(self.unacked[:covered])
         del self.unacked[:covered]
-        self.stats.ingest_unacked = len(self.unacked)
+        self.stats.ingest_unacked = sum(n for _, _, n in self.unacked)
 
     async def _housekeeping(self, stop: asyncio.Event, publisher: Publisher, receiver: Receiver) -> None:
         """On the gateway clock: staleness, SLA clocks, incident changes made elsewhere, snapshots."""
@@ -448,16 +449,23 @@ class Gateway:
 
     def _remember(self, outcome: Outcome) -> None:
         """The last readings of each device, for the dashboard's chart when no store is configured:
-        compact tuples of the kind's fields (names are added when read, not per reading)."""
+        compact tuples of the kind's fields (names are added when read, not per reading).
+
+        Kept as one tuple per device, replaced (not grown) once per batch: tuples of numbers drop out of
+        the garbage collector's sight, where a list of a city's readings was walked by every full
+        collection (tens of ms each, on the alerts' way)."""
         buffers, depth = self.readings_buffer, self.recent_depth
+        fresh: dict[str, list[tuple[float, int, tuple[Any, ...]]]] = {}
         for kind, _, device_id, reading in outcome.accepted:
-            buffer = buffers.get(device_id)
-            if buffer is None:
-                buffer = buffers[device_id] = []
             values = reading.__dict__  # the fields as validated; getattr on a pydantic model is slow for absent names
-            buffer.append((values["ts"], values.get("port") or 0, tuple(values[name] for name in FIELDS[kind])))
-            if len(buffer) > depth:
-                del buffer[0]
+            entry = (values["ts"], values.get("port") or 0, tuple(values[name] for name in FIELDS[kind]))
+            pending = fresh.get(device_id)
+            if pending is None:
+                fresh[device_id] = [entry]
+            else:
+                pending.append(entry)
+        for device_id, entries in fresh.items():
+            buffers[device_id] = (buffers.get(device_id, ()) + tuple(entries))[-depth:]
 
     def _reading_view(self, kind: str, ts: float, port: int, values: tuple[Any, ...]) -> dict[str, Any]:
         fields = READING_MODELS[kind].FIELDS
