@@ -519,14 +519,16 @@ def _city_memory(count: int, results: Any) -> None:
     # A second reading each, kept as the gateway keeps recent readings for the dashboard, filled to the
     # depth it allows (copies of the reading, new objects each as real readings would be).
     depth = recent_readings_depth(series)
-    buffers: dict[str, tuple[Any, ...]] = {}
+    buffers: dict[str, list[Any]] = {}
     pipeline.keep_readings = True
     for chunk in chunks(now - 4):
         for kind, _, device_id, reading in pipeline.process(chunk, now).accepted:
+            buffer = buffers.setdefault(device_id, [])
             values = tuple(reading.__dict__[name] for name in FIELDS[kind])
-            entries = tuple((reading.ts + k, reading.__dict__.get("port") or 0,
-                             tuple(v * 1.0 if type(v) is float else v for v in values)) for k in range(depth))
-            buffers[device_id] = (buffers.get(device_id, ()) + entries)[-depth:]
+            for k in range(depth):
+                buffer.append((reading.ts + k, reading.__dict__.get("port") or 0,
+                               tuple(v * 1.0 if type(v) is float else v for v in values)))
+            del buffer[:-depth]
     gc.collect()
     results.put({"devices": count, "series": series, "base_mb": base, "registered_mb": registered,
                  "stepped_mb": stepped, "state_mb": state / 2**20, "valid": sum(pipeline.stats.valid.values()),
@@ -558,7 +560,7 @@ def main() -> None:
     parser.add_argument("--city", type=int, default=300000, help="devices for the memory measurement")
     parser.add_argument("--only", default="ceiling,1,10,100,memory",
                         help="comma-separated parts: ceiling, 1, 10, 100 (readings per message), memory")
-    parser.add_argument("--steps-1", default="4000,8000,12000,14000,16000,18000,20000,24000",
+    parser.add_argument("--steps-1", default="4000,8000,12000,16000,20000,24000,28000,32000",
                         help="offered messages/s with 1 reading per message")
     parser.add_argument("--steps-10", default="1000,2000,4000,6000,8000,10000,14000",
                         help="offered messages/s with 10 readings per message")

@@ -45,6 +45,7 @@ FIELDS = {kind: model.FIELDS for kind, model in READING_MODELS.items()}
 LINGER_S = 0.004  # how long a small batch waits for company (a few ms on an alert's way: the target is 50 ms)
 LINGER_BATCH = 500  # messages from which a batch no longer waits
 GC_YOUNG_THRESHOLD = 10_000  # allocations between young collections (Python's default: 700)
+GC_FULL_EVERY = 100  # middle-generation collections between full ones (Python's default: 10)
 
 
 def resolve_broker(config: Config, override: str | None) -> tuple[BrokerAddress, EmbeddedBroker | None]:
@@ -109,8 +110,8 @@ class Gateway:
         # PUBACKs of messages processed, waiting for the snapshot that includes them: (connection, frames, count)
         self.unacked: list[tuple[int, bytes, int]] = []
         self.recent_alerts: deque[dict[str, Any]] = deque(maxlen=RECENT_ALERTS)
-        # a tuple per device (see _remember); a deque would cost ~600 bytes before its first item
-        self.readings_buffer: dict[str, tuple[tuple[float, int, tuple[Any, ...]], ...]] = {}
+        # a plain list per device (see _remember): a deque costs ~600 bytes before its first item
+        self.readings_buffer: dict[str, list[tuple[float, int, tuple[Any, ...]]]] = {}
         self.recent_depth = recent_readings_depth(sum(len(s) for s in self.registry.series.values()))
         self._poke: asyncio.Event | None = None
         self.address: BrokerAddress | None = None
@@ -180,10 +181,11 @@ class Gateway:
         # What was built at start (registry, compiled rules, detector state: millions of objects for a
         # city) lives as long as the process: out of the collector's sight, a full collection no longer
         # walks it (it was a 150-200 ms stall of the whole ingest path every few seconds under load).
-        # Fewer, larger young collections: the per-batch garbage is freed by reference counting anyway.
+        # Fewer, larger young collections (the per-batch garbage is freed by reference counting anyway),
+        # and a full collection (60-110 ms with a city's recent readings) 10× rarer than Python's default.
         gc.collect()
         gc.freeze()
-        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+        gc.set_threshold(GC_YOUNG_THRESHOLD, 10, GC_FULL_EVERY)
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         publisher = Publisher(self.config.broker, self.address)
@@ -449,23 +451,19 @@ class Gateway:
 
     def _remember(self, outcome: Outcome) -> None:
         """The last readings of each device, for the dashboard's chart when no store is configured:
-        compact tuples of the kind's fields (names are added when read, not per reading).
-
-        Kept as one tuple per device, replaced (not grown) once per batch: tuples of numbers drop out of
-        the garbage collector's sight, where a list of a city's readings was walked by every full
-        collection (tens of ms each, on the alerts' way)."""
+        compact tuples of the kind's fields (names are added when read, not per reading), in a list per
+        device that lives long and is changed in place. (A tuple per device replaced every batch
+        would drop out of the collector's sight, but every young collection walked the new ones: the
+        alerts' p99 doubled.)"""
         buffers, depth = self.readings_buffer, self.recent_depth
-        fresh: dict[str, list[tuple[float, int, tuple[Any, ...]]]] = {}
         for kind, _, device_id, reading in outcome.accepted:
+            buffer = buffers.get(device_id)
+            if buffer is None:
+                buffer = buffers[device_id] = []
             values = reading.__dict__  # the fields as validated; getattr on a pydantic model is slow for absent names
-            entry = (values["ts"], values.get("port") or 0, tuple(values[name] for name in FIELDS[kind]))
-            pending = fresh.get(device_id)
-            if pending is None:
-                fresh[device_id] = [entry]
-            else:
-                pending.append(entry)
-        for device_id, entries in fresh.items():
-            buffers[device_id] = (buffers.get(device_id, ()) + tuple(entries))[-depth:]
+            buffer.append((values["ts"], values.get("port") or 0, tuple(values[name] for name in FIELDS[kind])))
+            if len(buffer) > depth:
+                del buffer[0]
 
     def _reading_view(self, kind: str, ts: float, port: int, values: tuple[Any, ...]) -> dict[str, Any]:
         fields = READING_MODELS[kind].FIELDS
