@@ -257,10 +257,10 @@ def test_elderly_alone_tag_raises_the_severity():
     series = Series(2, tags=[["elderly_alone"], []])
     engine = KindEngine("smoke", profile, READING_MODELS["smoke"].FIELDS, series, started_at=0)
     values = np.full((2, 8), np.nan)
-    values[:, 1] = 2.0  # obscuration 2 %/m: a pre-alarm
+    values[:, 1] = 3.5  # obscuration 3.5 %/m: over the alarm-level threshold
     events = engine.evaluate(ColumnBatch(np.array([0, 1]), np.array([1.8e9, 1.8e9]), values,
                                          READING_MODELS["smoke"].FIELDS), 1.8e9).events
-    assert sorted((e.device_id, e.severity) for e in events) == [("d0", "major"), ("d1", "warning")]
+    assert sorted((e.device_id, e.severity) for e in events) == [("d0", "critical"), ("d1", "major")]
 
 
 def test_smoke_alarm_is_critical_on_its_first_reading_and_never_held_as_flapping():
