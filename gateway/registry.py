@@ -16,15 +16,17 @@ from gateway.schemas import KINDS
 
 @dataclass
 class KindSeries:
-    """The series of one kind, row by row."""
+    """The series of one kind, row by row. Rows refer to their device's own values (no copies: a city
+    is 300,000 devices)."""
 
     kind: str
     device_ids: list[str] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)  # 0 where the kind has no ports
     sites: list[str] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
-    attributes: list[dict[str, Any]] = field(default_factory=list)  # registry attributes rules may use
-    tags: list[list[str]] = field(default_factory=list)
+    # registry attributes rules may use (zone_class, rated_power_w, …): the device's validated fields
+    attributes: list[dict[str, Any]] = field(default_factory=list)
+    tags: list[tuple[str, ...]] = field(default_factory=list)
     # (device_id, port) → row
     rows: dict[tuple[str, int], int] = field(default_factory=dict)
 
@@ -36,8 +38,8 @@ class KindSeries:
             self.ports.append(port)
             self.sites.append(device.site)
             self.names.append(device.name or device.id)
-            self.attributes.append(device.model_dump(exclude={"id", "name", "address", "tags"}, exclude_none=True))
-            self.tags.append(list(device.tags))
+            self.attributes.append(device.__dict__)  # Device is frozen: a view, never written through
+            self.tags.append(device.tags)
 
     def __len__(self) -> int:
         return len(self.device_ids)

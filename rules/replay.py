@@ -164,6 +164,9 @@ class ReplayingEngine(KindEngine):
         KindEngine.restore(self, saved, now=float(saved["last_seen"].max()))
 
     def _row(self, event: AlertEvent) -> int | None:
+        rows = getattr(self.series, "rows", None)  # the gateway's registry has the index already
+        if rows is not None:
+            return rows.get((event.device_id, event.port or 0))
         if len(self._row_of) != self.n_series:
             self._row_of = {(d, p): i for i, (d, p) in enumerate(zip(self.series.device_ids, self.series.ports))}
         return self._row_of.get((event.device_id, event.port or 0))

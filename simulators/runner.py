@@ -389,7 +389,10 @@ class Simulation:
             elif item.what == "oversized":
                 out.append((topic, orjson.dumps({**reading, "note": "x" * 100_000}), False))
             elif item.what == "future_ts":
-                out.append((topic, orjson.dumps({**reading, "ts": reading["ts"] + 86400}), False))
+                # a day ahead of the receiver's clock as well as of device time: a scenario replays
+                # the past, and a day after yesterday's device time can be now
+                ahead = max(reading["ts"], time.time()) + 86400
+                out.append((topic, orjson.dumps({**reading, "ts": round(ahead, 3)}), False))
             elif item.what == "late":  # a reading from three hours ago, sent after a current one
                 out.append((topic, self._payload(device, [reading], t), False))
                 out.append((topic, orjson.dumps({**body(), "ts": round(t - 3 * 3600, 3)}), False))
