@@ -11,14 +11,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import orjson
 
 from gateway import topics
 from gateway.config import Config
-from gateway.decode import DeadLetter, Decoder, StatusUpdate
+from gateway.decode import DeadLetter, Decoder, ReadingColumns, StatusUpdate
 from gateway.metrics import Stats
 from gateway.registry import Registry
 from gateway.schemas import READING_MODELS, Reading
@@ -36,6 +36,25 @@ class Outcome:
     deadletters: list[DeadLetter] = field(default_factory=list)
     statuses: list[StatusUpdate] = field(default_factory=list)
     accepted: list[tuple[str, str, str, Reading]] = field(default_factory=list)  # (kind, site, device, reading)
+    # batch messages taken as columns, with which of their readings were accepted
+    accepted_columns: list[tuple[ReadingColumns, np.ndarray]] = field(default_factory=list)
+
+    def readings(self) -> Iterator[tuple[str, str, str, Reading]]:
+        """Every accepted reading as (kind, site, device, reading); those of column chunks are built
+        here, so only a consumer that needs them one by one (the telemetry store) pays for it."""
+        yield from self.accepted
+        for chunk, kept in self.accepted_columns:
+            for i in np.flatnonzero(kept).tolist():
+                yield chunk.kind, chunk.site, chunk.device_id, chunk.reading(i)
+
+    def count(self) -> int:
+        return len(self.accepted) + sum(int(kept.sum()) for _, kept in self.accepted_columns)
+
+    def newest_ts(self) -> float | None:
+        """The newest device time among the accepted readings."""
+        newest = [r.ts for _, _, _, r in self.accepted]
+        newest += [float(chunk.ts[kept].max()) for chunk, kept in self.accepted_columns if kept.any()]
+        return max(newest) if newest else None
 
 
 def to_columns(items: list[tuple[int, Reading]], fields: tuple[str, ...]) -> ColumnBatch:
@@ -80,9 +99,10 @@ class Pipeline:
         for topic, _ in messages:
             parts = topic.split("/", 4)
             stats.received[parts[2] if len(parts) > 2 and parts[2] in READING_MODELS else "_"] += 1
-        for kind, items in decoded.readings.items():
-            if items:
-                outcome.alerts.extend(self._detect(kind, items, now, outcome))
+        for kind in READING_MODELS:
+            items, chunks = decoded.readings.get(kind, []), decoded.columns.get(kind, [])
+            if items or chunks:
+                outcome.alerts.extend(self._detect(kind, items, chunks, now, outcome))
         for status in decoded.statuses:
             stats.statuses[(status.kind, "online" if status.online else "offline")] += 1
             if not status.online:
@@ -108,21 +128,41 @@ class Pipeline:
         self._count(outcome.alerts)
         return outcome
 
-    def _detect(self, kind: str, items: list[tuple[int, Reading]], now: float, outcome: Outcome) -> list[AlertEvent]:
+    def _detect(self, kind: str, items: list[tuple[int, Reading]], chunks: list[ReadingColumns], now: float,
+                outcome: Outcome) -> list[AlertEvent]:
         engine = self.engines[kind]
         engine.ensure_series()
-        evaluation = engine.evaluate(to_columns(items, engine.fields), now)
+        parts = [to_columns(items, engine.fields)] if items else []
+        parts += [ColumnBatch(c.rows, c.ts, c.values, engine.fields, c.seq) for c in chunks]
+        batch = parts[0] if len(parts) == 1 else ColumnBatch(
+            np.concatenate([b.rows for b in parts]), np.concatenate([b.ts for b in parts]),
+            np.concatenate([b.values for b in parts]), engine.fields, np.concatenate([b.seq for b in parts]))
+        evaluation = engine.evaluate(batch, now)
+        n = len(batch)
         rejected = len(evaluation.duplicate) + len(evaluation.too_late)
-        self.stats.valid[kind] += len(items) - rejected
+        self.stats.valid[kind] += n - rejected
         # QoS 1 redeliveries are expected: counted, not dead-lettered.
         self.stats.rejected[(kind, "duplicate")] += len(evaluation.duplicate)
         series = self.registry.series[kind]
+        # batch index → (chunk, index in it); single readings come first
+        offsets = np.cumsum([len(items)] + [len(c) for c in chunks])
+
+        def reading_at(index: int) -> Reading:
+            if index < len(items):
+                return items[index][1]
+            k = int(np.searchsorted(offsets, index, side="right")) - 1
+            return chunks[k].reading(index - int(offsets[k]))
+
         if self.keep_readings:
-            skip = set(evaluation.duplicate.tolist()) | set(evaluation.too_late.tolist())
+            kept = np.ones(n, dtype=bool)
+            kept[evaluation.duplicate] = False
+            kept[evaluation.too_late] = False
             outcome.accepted.extend((kind, series.sites[row], series.device_ids[row], reading)
-                                    for i, (row, reading) in enumerate(items) if i not in skip)
+                                    for (row, reading), keep in zip(items, kept[:len(items)].tolist()) if keep)
+            outcome.accepted_columns.extend((chunk, kept[start:start + len(chunk)])
+                                            for chunk, start in zip(chunks, offsets[:-1].tolist()))
         for index in evaluation.too_late.tolist():
-            row, reading = items[index]
+            row, reading = int(batch.rows[index]), reading_at(index)
             letter = DeadLetter(topics.telemetry(series.sites[row], kind, series.device_ids[row]), series.sites[row],
                                 kind, series.device_ids[row], orjson.dumps(reading.model_dump()))
             newest = engine.last_ts[row]

@@ -271,14 +271,15 @@ class Gateway:
                 return
             now = time.time()
             outcome = self._process_batch([(m.topic, m.payload) for m in batch], now)
-            if outcome.accepted:
+            newest = outcome.newest_ts()
+            if newest is not None:
                 # how far behind the devices the gateway is: gateway time − the newest device time taken
-                self.stats.ingest_lag_s = max(0.0, now - max(r.ts for _, _, _, r in outcome.accepted))
+                self.stats.ingest_lag_s = max(0.0, now - newest)
             if outcome.alerts:
                 # in the store before the readings are acknowledged: a crash loses no incident
                 await self.in_store(self.incidents.absorb, outcome.alerts, now)
             if self.telemetry is not None:
-                self.telemetry.readings(outcome.accepted)
+                self.telemetry.readings(list(outcome.readings()) if outcome.accepted_columns else outcome.accepted)
                 self.telemetry.alerts(outcome.alerts)
             self._remember(outcome)
             if outcome.alerts:  # changes made elsewhere (API, command line) are housekeeping's, every tick
@@ -464,6 +465,15 @@ class Gateway:
             buffer.append((values["ts"], values.get("port") or 0, tuple(values[name] for name in FIELDS[kind])))
             if len(buffer) > depth:
                 del buffer[0]
+        for chunk, kept in outcome.accepted_columns:  # a batch message: only its last readings are kept
+            buffer = buffers.get(chunk.device_id)
+            if buffer is None:
+                buffer = buffers[chunk.device_id] = []
+            for i in np.flatnonzero(kept)[-depth:].tolist():
+                values = chunk.reading(i).__dict__
+                buffer.append((values["ts"], values.get("port") or 0,
+                               tuple(values[name] for name in FIELDS[chunk.kind])))
+            del buffer[:-depth]
 
     def _reading_view(self, kind: str, ts: float, port: int, values: tuple[Any, ...]) -> dict[str, Any]:
         fields = READING_MODELS[kind].FIELDS

@@ -6,7 +6,7 @@ import json
 import time
 
 import orjson
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from gateway import topics
@@ -102,3 +102,74 @@ def test_a_flooding_device_is_throttled_once_flagged_and_cleared_when_it_calms_d
     cleared = [a for a in p.check_offline(now + 61) if a.rule == "flooding"]
     assert [(a.event, a.value) for a in cleared] == [("cleared", 4.0)]
     assert cleared[0].alert_id == out.alerts[0].alert_id
+
+
+# -- batch messages checked column by column ------------------------------------------------------------
+NOW_S = 1.8e9
+_GOOD_VALUE = st.floats(min_value=0, max_value=90, allow_nan=False) | st.integers(min_value=0, max_value=90)
+_ANY_VALUE = (_GOOD_VALUE | st.booleans() | st.none() | st.text(max_size=3) | st.integers(min_value=-2**70, max_value=2**70)
+              | st.floats(min_value=-1e6, max_value=1e6, allow_nan=False))
+
+
+@st.composite
+def _batch(draw, kind: str):
+    fields = {"smoke": ["alarm", "smoke_obscuration_pct_m", "temp_c", "battery_pct", "tamper"],
+              "ev_charger": ["port", "power_w", "current_a", "socket_temp_c"]}[kind]
+    messy = draw(st.booleans())  # half the batches plain (the columnar path), half with anything in them
+    items = []
+    for i in range(draw(st.integers(min_value=8, max_value=24))):
+        item = {"ts": NOW_S - 100 + i + draw(st.sampled_from([0.0, 0.25]))}
+        if draw(st.booleans()):
+            item["seq"] = i
+        for name in fields:
+            if name == "port":
+                item[name] = draw(st.integers(min_value=1, max_value=4))
+            elif name in ("alarm", "tamper"):
+                if draw(st.booleans()):
+                    item[name] = draw(st.booleans() | st.none())
+            elif draw(st.booleans()):
+                item[name] = draw(_GOOD_VALUE | st.none())
+        if messy and draw(st.integers(min_value=0, max_value=3)) == 0:
+            key = draw(st.sampled_from(["ts", "seq", "device_id", "extra", "port", *fields]))
+            item[key] = draw(_ANY_VALUE | st.just(NOW_S + 10**6) | st.just("smk-wangma-001") | st.just(-1))
+        items.append(item)
+    return items
+
+
+def _decoded(decoder, kind, device, items, columns_on):
+    decoder.fast_columns[kind].enabled = columns_on
+    topic = topics.telemetry("wangma", kind, device)
+    out = decoder.decode([(topic, json.dumps({"readings": items}).encode())], NOW_S)
+    readings = [(row, r.__dict__) for row, r in out.readings.get(kind, [])]
+    for chunk in out.columns.get(kind, []):
+        readings += [(int(chunk.rows[i]), chunk.reading(i).__dict__) for i in range(len(chunk))]
+    return readings, [letter.problems for letter in out.deadletters], bool(out.columns)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), kind=st.sampled_from(["smoke", "ev_charger"]))
+def test_a_batch_checked_by_columns_decodes_exactly_as_reading_by_reading(data, kind):
+    """The columnar path is a shortcut, never a different answer: same readings, same rows, same
+    values and types, same dead letters — or it steps aside."""
+    items = data.draw(_batch(kind))
+    device = {"smoke": "smk-wangma-001", "ev_charger": "evc-wangma-01"}[kind]
+    decoder = pipeline(STREET).decoder
+    fast, letters, took_columns = _decoded(decoder, kind, device, items, True)
+    slow, slow_letters, _ = _decoded(decoder, kind, device, items, False)
+    event(f"columnar path taken: {took_columns}")
+    assert fast == slow
+    assert letters == slow_letters
+    if took_columns:
+        assert not letters
+
+
+def test_a_plain_batch_takes_the_columnar_path_and_a_bad_reading_keeps_the_rest():
+    decoder = pipeline(STREET).decoder
+    plain = [{"ts": NOW_S - 50 + i, "seq": i, "port": 1 + i % 3, "power_w": 150.0 + i, "socket_temp_c": 30}
+             for i in range(20)]
+    readings, letters, took_columns = _decoded(decoder, "ev_charger", "evc-wangma-01", plain, True)
+    assert took_columns and not letters and len(readings) == 20
+    assert readings[5][1]["socket_temp_c"] == 30.0 and type(readings[5][1]["socket_temp_c"]) is float
+    plain[7]["power_w"] = "150"
+    readings, letters, took_columns = _decoded(decoder, "ev_charger", "evc-wangma-01", plain, True)
+    assert not took_columns and len(readings) == 19 and letters[0][0][:2] == (7, "wrong_type")

@@ -130,6 +130,9 @@ def test_the_gateway_keeps_readings_alerts_and_incident_changes(config, run_gate
     screen = mqtt([topics.ALERTS_FILTER])
     now = time.time()
     device.publish(topics.telemetry("wangma", "smoke", "smk-wangma-004"), {"ts": now, "alarm": True, "temp_c": 31.0})
+    # a batch message (checked as columns, not reading by reading) is stored reading by reading
+    batch = [{"ts": now - 30 + i, "seq": i, "port": 1 + i % 2, "power_w": 150.0 + i} for i in range(12)]
+    device.publish(topics.telemetry("wangma", "ev_charger", "evc-wangma-01"), {"readings": batch})
     screen.wait_for(lambda t, a: a["device_id"] == "smk-wangma-004")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not vm.export('{__name__="incidents_occurrences"}'):
@@ -142,6 +145,16 @@ def test_the_gateway_keeps_readings_alerts_and_incident_changes(config, run_gate
         "smoke_alarm", "critical", "raised")
     [opened] = vm.export('{__name__="incidents_occurrences", action="opened", rule="smoke_alarm"}')
     assert (opened["metric"]["site"], opened["metric"]["state"], opened["values"]) == ("wangma", "new", [1.0])
+    sent = {(str(1 + i % 2), int(round((now - 30 + i) * 1000)), 150.0 + i) for i in range(12)}
+    deadline = time.monotonic() + 10
+    while True:
+        gateway.gateway.telemetry.flush()
+        stored = {(s["metric"]["port"], t, v) for s in vm.export('{__name__="ev_charger_power_w", device="evc-wangma-01"}')
+                  for t, v in zip(s["timestamps"], s["values"])}
+        if stored == sent or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert stored == sent
 
 
 def test_history_reads_a_devices_points_back_from_the_store(vm, tmp_path):

@@ -77,7 +77,7 @@ def test_every_reading_of_batched_payloads_is_detected_and_counted(street_config
         messages.append((topics.telemetry("wangma", "meter", device), orjson.dumps({"readings": batch})))
     out = pipeline.process(messages, NOW)
     assert pipeline.stats.valid["meter"] == 1000 and not out.deadletters
-    assert len(out.accepted) == 1000
+    assert out.count() == 1000 and len(list(out.readings())) == 1000
     assert [(a.device_id, a.rule, a.event, a.ts) for a in out.alerts] == [
         ("mtr-wangma-004", "meter_overheat", "raised", NOW - 1)]
 
