@@ -246,6 +246,10 @@ class DetectionConfig(Section):
     replay_late: bool = Field(default=True, description="a late reading (within the kind's lateness_s) rewinds its "
                                                         "series and replays it in device-time order; false: it is "
                                                         "applied in arrival order (half the detection CPU)")
+    replay_max_pending: int = Field(default=500_000, ge=1000,
+                                    description="readings of a kind held for replay at most (memory: ~60 bytes "
+                                                "each); beyond, the oldest are settled early and a reading later "
+                                                "than them is applied in arrival order")
 
 
 class LoggingConfig(Section):

@@ -274,6 +274,18 @@ class ReadingColumns:
     def __len__(self) -> int:
         return int(self.ts.shape[0])
 
+    def recent(self, kept: np.ndarray, depth: int) -> list[tuple[float, int, tuple[Any, ...]]]:
+        """The last ``depth`` kept readings as the dashboard keeps them: (ts, port, values in FIELDS
+        order, None where absent, booleans as booleans), straight from the columns."""
+        index = np.flatnonzero(kept)[-depth:]
+        booleans = FastColumns.booleans[self.kind]
+        fields = READING_MODELS[self.kind].FIELDS
+        flags = [name in booleans for name in fields]
+        out = []
+        for ts, port, values in zip(self.ts[index].tolist(), self.ports[index].tolist(), self.values[index].tolist()):
+            out.append((ts, port, tuple(None if v != v else (bool(v) if flag else v) for v, flag in zip(values, flags))))
+        return out
+
     def reading(self, i: int) -> Reading:
         """Reading ``i`` as the model instance the per-reading path would have made (for storage, the
         dashboard, a dead letter): only built where one is asked for."""

@@ -29,6 +29,7 @@ class Stats(Collector):
         self.ingest_unacked = 0  # processed, waiting for the snapshot that lets them be acknowledged
         self.ingest_lag_s = 0.0
         self.telemetry: Any = None  # the telemetry sink, when a store is configured
+        self.replaying: dict[str, Any] = {}  # kind → its ReplayingEngine (rules/replay.py), when late readings replay
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         """Per-kind totals for the periodic log line."""
@@ -86,6 +87,20 @@ class Stats(Collector):
                                 "Gateway time minus the newest device time of the last batch (overload shows here first)")
         lag.add_metric([], self.ingest_lag_s)
         yield lag
+        if self.replaying:
+            replays = CounterMetricFamily("streetbrain_replays", "Series set back and replayed for a late reading",
+                                          labels=["kind"])
+            early = CounterMetricFamily("streetbrain_replay_settled_early",
+                                        "Readings settled before their lateness bound because the replay buffer was "
+                                        "full (detection.replay_max_pending); later readings than them apply in "
+                                        "arrival order", labels=["kind"])
+            held = GaugeMetricFamily("streetbrain_replay_pending", "Readings held for replaying late ones",
+                                     labels=["kind"])
+            for kind, engine in self.replaying.items():
+                replays.add_metric([kind], engine.replays)
+                early.add_metric([kind], engine.settled_early)
+                held.add_metric([kind], len(engine.pending))
+            yield from (replays, early, held)
         if self.telemetry is not None:
             for name, value in self.telemetry.state().items():
                 family = GaugeMetricFamily(f"streetbrain_telemetry_{name}", f"Telemetry store: {name.replace('_', ' ')}")

@@ -88,6 +88,10 @@ class Pipeline:
                 kind, config.kinds.get(kind, KindProfile()), model.FIELDS, registry.series[kind], started_at=started_at)
             for kind, model in READING_MODELS.items()
         }
+        for engine in self.engines.values():
+            if isinstance(engine, ReplayingEngine):
+                engine.max_pending = config.detection.replay_max_pending
+                self.stats.replaying[engine.kind] = engine
 
     def process(self, messages: list[tuple[str, bytes]], now: float) -> Outcome:
         stats = self.stats

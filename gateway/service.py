@@ -469,10 +469,7 @@ class Gateway:
             buffer = buffers.get(chunk.device_id)
             if buffer is None:
                 buffer = buffers[chunk.device_id] = []
-            for i in np.flatnonzero(kept)[-depth:].tolist():
-                values = chunk.reading(i).__dict__
-                buffer.append((values["ts"], values.get("port") or 0,
-                               tuple(values[name] for name in FIELDS[chunk.kind])))
+            buffer.extend(chunk.recent(kept, depth))
             del buffer[:-depth]
 
     def _reading_view(self, kind: str, ts: float, port: int, values: tuple[Any, ...]) -> dict[str, Any]:

@@ -36,10 +36,12 @@ class Pending:
     def __init__(self, n_fields: int):
         self.chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self.n_fields = n_fields
+        self.count = 0
 
     def add(self, rows: np.ndarray, ts: np.ndarray, values: np.ndarray, seq: np.ndarray) -> None:
         if rows.shape[0]:
             self.chunks.append((rows, ts, values, seq))
+            self.count += int(rows.shape[0])
 
     def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if not self.chunks:
@@ -62,18 +64,25 @@ class Pending:
             else:
                 kept.append(chunk)
         self.chunks = kept  # type: ignore[assignment]
+        self.count = sum(int(c[0].shape[0]) for c in kept)
         if not ripe:
             return None
         return tuple(np.concatenate(parts) for parts in zip(*ripe))  # type: ignore[return-value]
 
+    def oldest_beyond(self, keep: int) -> float:
+        """The device time before which all but ``keep`` of the readings lie."""
+        ts = self.columns()[1]
+        return float(np.partition(ts, ts.shape[0] - keep)[ts.shape[0] - keep])
+
     def __len__(self) -> int:
-        return sum(c[0].shape[0] for c in self.chunks)
+        return self.count
 
 
 class ReplayingEngine(KindEngine):
     """A :class:`KindEngine` whose late readings rewind and replay their series (see the module)."""
 
     advance_every_s = 1.0
+    max_pending = 500_000  # readings held for replay at most (the gateway sets detection.replay_max_pending)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -83,6 +92,7 @@ class ReplayingEngine(KindEngine):
         self.told: dict[tuple[int, str], AlertEvent] = {}  # alerts active downstream, by (series, rule)
         self.recent: dict[int, deque[AlertEvent]] = defaultdict(deque)  # sent since the horizon, by series
         self.replays = 0  # series rewound and replayed (a metric)
+        self.settled_early = 0  # readings handed to the shadow before their lateness bound, memory being full
         self._row_of: dict[tuple[str, int], int] = {}
 
     def ensure_series(self) -> None:
@@ -107,7 +117,7 @@ class ReplayingEngine(KindEngine):
         accepted[out.duplicate] = False
         accepted[out.too_late] = False
         self.pending.add(batch.rows[accepted], batch.ts[accepted], batch.values[accepted], seq[accepted])
-        if gateway_time - self.advanced_at >= self.advance_every_s:
+        if gateway_time - self.advanced_at >= self.advance_every_s or len(self.pending) > self.max_pending:
             self.advance(gateway_time)
         return out
 
@@ -228,11 +238,19 @@ class ReplayingEngine(KindEngine):
     def advance(self, gateway_time: float) -> None:
         """Hand the shadow every pending reading no late one can precede any more."""
         self.advanced_at = gateway_time
-        ripe = self.pending.take_ripe(self.last_ts - self.profile.lateness_s)
+        horizon = self.last_ts - self.profile.lateness_s
+        if len(self.pending) > self.max_pending:
+            # a whole city reporting fast: memory bounds how far back a late reading can be replayed
+            # exactly; a reading older than what the shadow has taken is applied in arrival order
+            before = len(self.pending)
+            cut = self.pending.oldest_beyond(self.max_pending // 2)
+            ripe = self.pending.take_ripe(np.maximum(horizon, cut))
+            self.settled_early += before - len(self.pending)
+        else:
+            ripe = self.pending.take_ripe(horizon)
         if ripe is not None:
             rows, ts, values, seq = ripe
             self.shadow.evaluate(ColumnBatch(rows, ts, values, self.fields, seq), gateway_time)
-        horizon = self.last_ts - self.profile.lateness_s
         for row in list(self.recent):
             sent = self.recent[row]
             while sent and sent[0].ts < horizon[row]:
@@ -242,25 +260,18 @@ class ReplayingEngine(KindEngine):
 
     # -- state -----------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, np.ndarray]:
-        out = dict(super().snapshot())
-        out.update({f"shadow.{k}": v for k, v in self.shadow.snapshot().items()})
-        rows, ts, values, seq = self.pending.columns()
-        out.update({"pending.rows": rows, "pending.ts": ts, "pending.values": values, "pending.seq": seq})
-        return out
+        """The live state only. The shadow and the readings held for replay stay out of the snapshot,
+        which is written every second: with them it grew with the message rate (a city's readings
+        of the last lateness_s copied each time). After a restart the shadow starts from the restored
+        state, so a reading later than the restart's newest is applied in arrival order; readings
+        sent after the restart are replayed exactly again."""
+        return super().snapshot()
 
     def restore(self, saved: dict[str, np.ndarray], now: float) -> int:
-        restored = super().restore(saved, now)
-        shadow = {k[len("shadow."):]: v for k, v in saved.items() if k.startswith("shadow.")}
-        # without a saved shadow (an older snapshot), the live state is the best rewind point there is
-        self.shadow.restore(shadow if shadow else super().snapshot(), now)
+        live = {k: v for k, v in saved.items() if not k.startswith(("shadow.", "pending."))}  # older snapshots
+        restored = super().restore(live, now)
+        self.shadow.restore(super().snapshot(), now)
         self.pending = Pending(len(self.fields))
-        if "pending.rows" in saved and saved["pending.values"].shape[1:] == (len(self.fields),):
-            current = {f"{d}#{p}": i for i, (d, p) in enumerate(zip(self.series.device_ids, self.series.ports))}
-            mapping = np.array([current.get(str(k), -1) for k in saved["keys"]], dtype=np.int64)
-            rows = mapping[saved["pending.rows"]] if saved["pending.rows"].size else saved["pending.rows"]
-            keep = rows >= 0
-            self.pending.add(rows[keep], saved["pending.ts"][keep], saved["pending.values"][keep],
-                             saved["pending.seq"][keep])
         self._told_from_state(now)
         return restored
 

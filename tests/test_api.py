@@ -51,6 +51,7 @@ def test_health_readiness_metrics_and_the_page_need_no_token(api):
     metrics = api("GET", "/metrics", token=None).text
     assert "streetbrain_messages_received_total" in metrics and "streetbrain_incidents_overdue" in metrics
     assert "streetbrain_ingest_lag_seconds" in metrics and "streetbrain_ingest_queue_depth" in metrics
+    assert "streetbrain_replay_pending{kind=\"smoke\"}" in metrics and "streetbrain_replay_settled_early_total" in metrics
     page = api("GET", "/", token=None)
     assert page.status_code == 200 and "街脑" in page.text and "http" not in page.text.split("<script>")[0].lower()
     docs = api("GET", "/docs", token=None)

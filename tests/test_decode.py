@@ -173,3 +173,21 @@ def test_a_plain_batch_takes_the_columnar_path_and_a_bad_reading_keeps_the_rest(
     plain[7]["power_w"] = "150"
     readings, letters, took_columns = _decoded(decoder, "ev_charger", "evc-wangma-01", plain, True)
     assert not took_columns and len(readings) == 19 and letters[0][0][:2] == (7, "wrong_type")
+
+
+def test_the_dashboard_gets_a_batchs_last_readings_straight_from_its_columns():
+    import numpy as np
+
+    from gateway.service import FIELDS
+    decoder = pipeline(STREET).decoder
+    items = [{"ts": NOW_S - 50 + i, "alarm": i == 9, "temp_c": 20 + i, **({"co_ppm": 3.5} if i % 2 else {})}
+             for i in range(12)]
+    out = decoder.decode([(topics.telemetry("wangma", "smoke", "smk-wangma-001"),
+                           orjson.dumps({"readings": items}))], NOW_S)
+    [chunk] = out.columns["smoke"]
+    kept = np.ones(12, dtype=bool)
+    kept[11] = False
+    expected = [(r.ts, 0, tuple(r.__dict__[name] for name in FIELDS["smoke"]))
+                for r in (chunk.reading(i) for i in range(7, 11))]
+    assert chunk.recent(kept, 4) == expected
+    assert expected[-2][2][0] is True and expected[-1][2][FIELDS["smoke"].index("co_ppm")] is None
