@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import json
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Annotated, Any
 
 import annotated_types
@@ -278,13 +280,14 @@ class ReadingColumns:
         """The last ``depth`` kept readings as the dashboard keeps them: (ts, port, values in FIELDS
         order, None where absent, booleans as booleans), straight from the columns."""
         index = np.flatnonzero(kept)[-depth:]
-        booleans = FastColumns.booleans[self.kind]
-        fields = READING_MODELS[self.kind].FIELDS
-        flags = [name in booleans for name in fields]
-        out = []
-        for ts, port, values in zip(self.ts[index].tolist(), self.ports[index].tolist(), self.values[index].tolist()):
-            out.append((ts, port, tuple(None if v != v else (bool(v) if flag else v) for v, flag in zip(values, flags))))
-        return out
+        numbers = self.values[index]
+        shown = numbers.astype(object)  # Python floats, then None and booleans where they belong
+        missing = np.isnan(numbers)
+        for j, name in enumerate(READING_MODELS[self.kind].FIELDS):
+            if name in FastColumns.booleans[self.kind]:
+                shown[:, j] = numbers[:, j] != 0
+        shown[missing] = None
+        return list(zip(self.ts[index].tolist(), self.ports[index].tolist(), map(tuple, shown.tolist())))
 
     def reading(self, i: int) -> Reading:
         """Reading ``i`` as the model instance the per-reading path would have made (for storage, the
@@ -332,37 +335,44 @@ class FastColumns:
     def __call__(self, items: list[Any]) -> tuple[np.ndarray, ...] | None:
         if not self.enabled:
             return None
-        for item in items:
-            if type(item) is not dict:
-                return None
+        if set(map(type, items)) != {dict}:
+            return None
         keys = set().union(*items)
         if not keys <= self.known:
             return None
         n = len(items)
-        ts = self._floats([item.get("ts") for item in items], EPOCH_FLOOR, 1e11, False, False, False)
+        columns: dict[str, Any]
+        if len(keys) > 1 and set(map(len, items)) == {len(keys)}:
+            # every reading has the same fields (the usual batch): read in C, not a .get per value
+            names = tuple(keys)
+            columns = dict(zip(names, zip(*map(itemgetter(*names), items))))
+        else:
+            columns = {name: [item.get(name) for item in items] for name in keys}
+        absent = (None,) * n
+        ts = self._floats(columns.get("ts", absent), EPOCH_FLOOR, 1e11, False, False, False)
         if ts is None:
             return None
         values = np.full((n, len(self.fields)), np.nan)
         for j, name in enumerate(self.fields):
-            if name in keys:
-                column = self._column(name, [item.get(name) for item in items])
+            if name in columns:
+                column = self._column(name, columns[name])
                 if column is None:
                     return None
                 values[:, j] = column
         seq = np.full(n, -1, dtype=np.int64)
-        if "seq" in keys:
-            column = self._column("seq", [item.get("seq") for item in items])
+        if "seq" in columns:
+            column = self._column("seq", columns["seq"])
             if column is None:
                 return None
             seq = column
         ports = np.zeros(n, dtype=np.int64)
         if self.has_port:
-            ports = self._column("port", [item.get("port") for item in items])  # required: None fails
+            ports = self._column("port", columns.get("port", absent))  # required: None fails
             if ports is None:
                 return None
         return ts, values, seq, ports
 
-    def _column(self, name: str, column: list[Any]) -> np.ndarray | None:
+    def _column(self, name: str, column: Sequence[Any]) -> np.ndarray | None:
         wanted, lo, hi, lo_open, hi_open, nullable = self.checks[name]
         if wanted is float:
             return self._floats(column, lo, hi, lo_open, hi_open, nullable)
@@ -373,7 +383,7 @@ class FastColumns:
             return np.array(column, dtype=np.float64) if types <= {bool, _NONE} else None  # None → NaN
         if wanted is int and types <= {int, _NONE}:
             try:
-                out = np.array([-1 if v is None else v for v in column], dtype=np.int64)
+                out = np.array([-1 if v is None else v for v in column] if _NONE in types else column, dtype=np.int64)
             except OverflowError:
                 return None
             given = out[np.fromiter((v is not None for v in column), bool, len(column))] if _NONE in types else out
@@ -384,7 +394,7 @@ class FastColumns:
         return None
 
     @staticmethod
-    def _floats(column: list[Any], lo: float, hi: float, lo_open: bool, hi_open: bool,
+    def _floats(column: Sequence[Any], lo: float, hi: float, lo_open: bool, hi_open: bool,
                 nullable: bool) -> np.ndarray | None:
         types = set(map(type, column))
         if not types <= ({float, int, _NONE} if nullable else {float, int}):

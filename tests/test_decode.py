@@ -116,18 +116,21 @@ def _batch(draw, kind: str):
     fields = {"smoke": ["alarm", "smoke_obscuration_pct_m", "temp_c", "battery_pct", "tamper"],
               "ev_charger": ["port", "power_w", "current_a", "socket_temp_c"]}[kind]
     messy = draw(st.booleans())  # half the batches plain (the columnar path), half with anything in them
+    # the usual batch has the same fields in every reading (transposed at once); others vary
+    same = {name: draw(st.booleans()) for name in ["seq", *fields]} if draw(st.booleans()) else None
+    has = (lambda name: same[name]) if same else (lambda name: draw(st.booleans()))  # noqa: E731
     items = []
     for i in range(draw(st.integers(min_value=8, max_value=24))):
         item = {"ts": NOW_S - 100 + i + draw(st.sampled_from([0.0, 0.25]))}
-        if draw(st.booleans()):
+        if has("seq"):
             item["seq"] = i
         for name in fields:
             if name == "port":
                 item[name] = draw(st.integers(min_value=1, max_value=4))
             elif name in ("alarm", "tamper"):
-                if draw(st.booleans()):
+                if has(name):
                     item[name] = draw(st.booleans() | st.none())
-            elif draw(st.booleans()):
+            elif has(name):
                 item[name] = draw(_GOOD_VALUE | st.none())
         if messy and draw(st.integers(min_value=0, max_value=3)) == 0:
             key = draw(st.sampled_from(["ts", "seq", "device_id", "extra", "port", *fields]))
@@ -189,5 +192,6 @@ def test_the_dashboard_gets_a_batchs_last_readings_straight_from_its_columns():
     kept[11] = False
     expected = [(r.ts, 0, tuple(r.__dict__[name] for name in FIELDS["smoke"]))
                 for r in (chunk.reading(i) for i in range(7, 11))]
-    assert chunk.recent(kept, 4) == expected
+    recent = chunk.recent(kept, 4)
+    assert recent == expected and recent[-2][2][0] is True and type(recent[0][2][2]) is float
     assert expected[-2][2][0] is True and expected[-1][2][FIELDS["smoke"].index("co_ppm")] is None
