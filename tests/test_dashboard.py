@@ -47,9 +47,9 @@ def test_a_smoke_alarm_shows_within_two_seconds_and_is_dispatched_with_one_click
     mqtt().publish(topics.telemetry("hengyanzi", "smoke", "smk-hengyanzi-021"), {"ts": sent, "alarm": True})
     page.wait_for_selector("#alert-list li[data-device='smk-hengyanzi-021']", timeout=2000)
     assert time.time() - sent < 2.0
-    card = page.wait_for_selector(".column[data-state='new'] .card", timeout=5000)
-    incident_id = card.get_attribute("data-id")
-    card.query_selector("button[data-action='dispatch']").click()
+    # locators, not element handles: the board re-renders its cards as incident events arrive
+    incident_id = page.locator(".column[data-state='new'] .card").first.get_attribute("data-id", timeout=5000)
+    page.locator(f".column[data-state='new'] .card[data-id='{incident_id}'] button[data-action='dispatch']").click()
     page.wait_for_selector(f".column[data-state='dispatched'] .card[data-id='{incident_id}']", timeout=5000)
 
     ARTIFACTS.mkdir(exist_ok=True)
