@@ -34,6 +34,11 @@ The parts, and why each is there:
   by how much a reading's surprise exceeds the (fading) worst of the recent past, plus a fraction
   (``echo``) of the surprise itself; one anomaly gives one high score, not a burst, and the first
   reading of an event scores highest (earliest detection is what matters to an operator).
+* **Recurrence a period ago** (seasonal series only): the surprise is also judged against the largest
+  surprise within ``band`` of a period (6%: about ±1.5 h of a day) one period before. An event that
+  happened about this time yesterday too (a nightly batch job, a morning peak whose edge jitters by
+  minutes) is not news, however surprising each time; the seasonal view alone misses it when the
+  edge moves by a few readings. One more row of ``period + band`` numbers per series.
 * **Warm-up**: 0 for the first ``warmup`` readings of a series, while its statistics are still learning.
 
 The surprise s ≥ 0 maps to the score s / (s + 10): 0.5 at 10 nats (p ≈ 5e-5).
@@ -55,6 +60,7 @@ Anomaly Benchmark by ``bench/nab.py`` (docs/PERFORMANCE.md).
 from __future__ import annotations
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from scipy.signal import lfilter
 from scipy.special import log_ndtr
 
@@ -104,8 +110,9 @@ class Anomaly:
 
     def __init__(self, n_series: int, warmup: int = 100, period: int = 0, medium: float = 0.05,
                  short: float = 0.1, long: float = 0.01, calibration: float = 0.0005, decay: float = 0.01,
-                 echo: float = 0.1):
+                 echo: float = 0.1, band: float = 0.06):
         self.warmup, self.period, self.decay, self.echo = warmup, period, decay, echo
+        self.band = max(1, int(round(period * band))) if period else 0  # readings each side of "a period ago"
         self.medium, self.short, self.long, self.calibration = (Ewm(medium), Ewm(short), Ewm(long),
                                                                 Ewm(calibration))
         self.short_share = short / (2.0 - short)  # variance of a short EW mean of white noise, per unit
@@ -117,6 +124,8 @@ class Anomaly:
                 self.arrays[f"{view}.{name}"] = np.zeros(n_series)
         if period:
             self.arrays["lag"] = np.zeros((n_series, period))  # the last period's readings, oldest first
+            # the surprises of the last period and a band beyond it, oldest first
+            self.arrays["echoes"] = np.zeros((n_series, period + self.band))
 
     def grow(self, n_series: int) -> None:
         for name, a in self.arrays.items():
@@ -148,6 +157,7 @@ class Anomaly:
             # until a period and a warm-up have passed, the seasonal view compares with nothing
             surprise = np.where(n > self.period + self.warmup, np.sqrt(surprise * seasonal), surprise)
         surprise = np.where(n > self.warmup, surprise, 0.0)
+        recurring = self._recurring(rows, surprise) if self.period else 0.0
         # decaying peak P ← max(s, P − decay), as a running maximum of s + decay·t
         lift = self.decay * np.arange(1, width + 1)[None, :]
         held = np.maximum.accumulate(np.concatenate([state["peak"][rows][:, None], surprise + lift], axis=1),
@@ -155,8 +165,17 @@ class Anomaly:
         peak_before = np.maximum(held[:, :-1] - lift, 0.0)
         state["peak"][rows] = held[:, -1] - lift[0, -1]
         state["count"][rows] = seen + width
-        novelty = np.maximum(surprise - peak_before, 0.0) + self.echo * surprise
+        novelty = (np.maximum(surprise - np.maximum(peak_before, recurring), 0.0)
+                   + self.echo * np.maximum(surprise - recurring, 0.0))
         return novelty / (novelty + HALF_SCORE_NATS)
+
+    def _recurring(self, rows: np.ndarray, surprise: np.ndarray) -> np.ndarray:
+        """For each reading, the largest surprise within ``band`` readings of one period before it."""
+        width, band = surprise.shape[1], self.band
+        joined = np.concatenate([self.arrays["echoes"][rows], surprise], axis=1)
+        self.arrays["echoes"][rows] = joined[:, -(self.period + band):]
+        # reading t of the block sits at period + band + t of ``joined``; t − period ± band at t … t + 2·band
+        return sliding_window_view(joined, 2 * band + 1, axis=1)[:, :width].max(axis=2)
 
     def _view(self, rows: np.ndarray, x: np.ndarray, n: np.ndarray, view: str) -> np.ndarray:
         """Surprise (nats) of each reading of one view: its spike, volatility and shift evidence added up."""

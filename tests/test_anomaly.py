@@ -89,6 +89,25 @@ def test_a_variance_change_is_flagged():
     assert result[1000:1020].max() > 0.5 > result[100:1000].max()
 
 
+def test_an_event_that_recurs_about_the_same_time_each_day_stops_being_news_but_a_new_one_is():
+    rng = np.random.default_rng(5)
+    period, days = 96, 20  # readings every 15 minutes
+    t = np.arange(days * period)
+    load = 50 + 10 * np.sin(2 * np.pi * t / period) + rng.normal(0, 1, t.size)
+    for day in range(5, days):  # a nightly job from day 5 on: 45 minutes of load at 02:00, give or take 45 minutes
+        at = day * period + 8 + rng.integers(-3, 4)
+        load[at:at + 3] += 40
+    new_event = load.copy()
+    new_event[15 * period + 56] += 150  # something at 14:00 it has never done, bigger than the job
+    result, with_new = scores(load, period=period), scores(new_event, period=period)
+    first_night = result[5 * period:6 * period].max()
+    later_nights = result[8 * period:].reshape(-1, period).max(axis=1)
+    assert first_night > 0.8
+    # the seasonal view alone (before the recurrence band) left these at a median of 0.10, up to 0.20
+    assert np.median(later_nights) < 0.03 and later_nights.max() < 0.15
+    assert with_new[15 * period + 56] > 0.4 and with_new[15 * period + 56] == with_new[15 * period:16 * period].max()
+
+
 def test_many_series_in_one_block_score_as_each_does_alone():
     rng = np.random.default_rng(10)
     block = np.stack([noise(600, seed=s, level=10.0 ** s, sigma=1.0 + s) for s in range(5)])
