@@ -102,6 +102,9 @@ class Model:
 
     kind: ClassVar[str]
     EVENTS: ClassVar[dict[str, tuple[float, float]]] = {}  # event: (default duration s, minimum s)
+    # the kind's anomaly-score rules (config.yaml): any scripted event makes the device unlike its own
+    # history, so they may fire during one without counting as false; never required
+    ANOMALY_RULES: ClassVar[tuple[str, ...]] = ()
     interval_s: float = 60.0
     active_interval_s: float = 60.0
 
@@ -162,6 +165,7 @@ class Model:
 
 class SmokeDetector(Model):
     kind = "smoke"
+    ANOMALY_RULES = ("chamber_anomaly",)
     EVENTS = {
         "smouldering_fire": (900, 420), "flaming_fire": (300, 180), "cooking": (180, 60),
         "hushed_alarm": (120, 60), "tamper": (600, 60), "fault": (600, 60), "self_test": (20, 10),
@@ -274,6 +278,7 @@ class ChargingPoint(Model):
     """An e-bike charging point; one report carries every port (a ``{"readings": [...]}`` batch)."""
 
     kind = "ev_charger"
+    ANOMALY_RULES = ("supply_voltage_anomaly",)
     EVENTS = {
         "modified_charger": (900, 420), "thermal_runaway": (1800, 1500), "leakage": (300, 60),
         "overload": (180, 60), "endless_session": (32400, 600), "port_offline": (1800, 300),
@@ -390,6 +395,7 @@ class NoisePoint(Model):
     """An automatic noise monitoring point reporting each minute's LAeq, Lmax and Lmin."""
 
     kind = "noise"
+    ANOMALY_RULES = ("laeq_anomaly",)
     EVENTS = {
         "night_party": (3600, 900), "square_dancing": (3600, 900), "night_construction": (3600, 900),
         "motorbike": (60, 60), "sensor_stuck": (3600, 2400),

@@ -238,8 +238,10 @@ class Simulation:
             model = self.models[item.device_id]
             happening = model.begin(item.what, start, item.duration_s, item.port)
             expected = model.expect(happening, self.speed or math.inf)
+            allowed = list(expected.allowed) + [r for r in model.ANOMALY_RULES
+                                                if r not in expected.rules and r not in expected.allowed]
             row = TruthRow(row_id, "event", item.what, device.id, device.kind, device.site, item.port,
-                           expected.start, expected.end, list(expected.rules), list(expected.allowed),
+                           expected.start, expected.end, list(expected.rules), allowed,
                            expected.severity, expected.incident)
         self._truth_by_plan[item.index] = row
         return row

@@ -19,8 +19,8 @@ import pytest
 
 from gateway.config import load_registry_csv
 from simulators import fleet as fleets
-from simulators.models import (ZONE_LIMITS_DB, ChargingPoint, DeviceSpec, NoisePoint, SmokeDetector, is_night,
-                               local_hour)
+from simulators.models import (ZONE_LIMITS_DB, ChargingPoint, DeviceSpec, MeterBox, NoisePoint, SmokeDetector,
+                               is_night, local_hour)
 from simulators.runner import Simulation, layout_start
 from simulators.scenario import Scenario, ScenarioError, load_scenario, parse_duration
 
@@ -123,6 +123,15 @@ def test_fires_and_nuisances_have_their_shapes():
     assert any(r["alarm"] for r in hushed[:3]) and not any(r["alarm"] for r in hushed[3:]), "sounds, then hushed"
     test = run("self_test", 20, 10)
     assert all(r["test"] and not r["alarm"] for r in test)
+
+
+def test_each_model_tolerates_exactly_its_kinds_anomaly_rules_during_its_events(street_config):
+    # an anomaly rule is there to catch what cannot be named: a scripted event may set it off (allowed,
+    # never required), and the list in the models must follow config.yaml's rules
+    for model in (SmokeDetector, ChargingPoint, NoisePoint, MeterBox):
+        profile = street_config.kinds[model.kind]
+        shipped = {rid for rid, rule in profile.rules.items() if rule.transform and rule.transform.kind == "anomaly"}
+        assert set(model.ANOMALY_RULES) == shipped, model.kind
 
 
 def test_scenario_files_are_checked_with_a_clear_message(tmp_path):
@@ -231,6 +240,7 @@ def test_the_ground_truth_matches_what_was_published(broker, tmp_path):
     assert all(r["power_w"] > 1000 for r in readings("c-1") if r["port"] == 3 and overload["start"] <= r["ts"] < overload["end"])
     party = rows["night_party"]
     assert "laeq_over_limit" in party["rules"] and "night_lmax" in party["rules"]
+    assert "laeq_anomaly" in party["allowed"] and "chamber_anomaly" in fire["allowed"]
     assert leq([r["laeq_db"] for r in readings("n-1") if party["start"] <= r["ts"] < party["end"]]) > 45 + 10
     broken = [p for t, p in telemetry if t.split("/")[3] == "s-2"]
     assert sum(1 for p in broken if not _parses(p)) == 3 == rows["malformed_json"]["count"]
