@@ -453,3 +453,58 @@ def test_vectorised_engine_equals_the_one_by_one_reference(rule_index, start_hou
             got += [(b, int(e.device_id[1:]), e.event, int(Severity[e.severity]), e.ts) for e in evaluation.events]
     by_batch_series_time = lambda e: (e[0], e[1], e[4])  # noqa: E731
     assert sorted(got, key=by_batch_series_time) == sorted(expected, key=by_batch_series_time)
+
+
+THRESHOLD_ONLY = [i for i, spec in enumerate(RULES) if "window" not in spec and "transform" not in spec]
+# mostly rising device times and seqs per series (long calm runs), now and then a repeat, a step back or a hot value
+calm_reading = st.tuples(st.integers(0, 3), st.integers(1, 4), st.one_of(levels, st.just(math.nan)),
+                         st.sampled_from(["next", "next", "next", "none", "repeat", "back"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(rule_indexes=st.lists(st.sampled_from(THRESHOLD_ONLY), min_size=1, max_size=3, unique=True),
+       start_hour=st.sampled_from([2, 11, 12, 21]),
+       batches=st.lists(st.lists(calm_reading, max_size=40), min_size=1, max_size=4))
+def test_calm_readings_settled_in_one_pass_leave_the_state_and_events_of_rounds(rule_indexes, start_hour, batches):
+    """A threshold-only profile settles each series' calm prefix without rounds (rules/engine.py): every
+    state array and every event must be what stepping the same readings round by round gives."""
+    profile = KindProfile.model_validate({"rules": {f"r{i}": RULES[i] for i in rule_indexes}, "params": PARAM,
+                                          "lateness_s": 600})
+    engines = []
+    for calm in (True, False):
+        engine = KindEngine("noise", profile, ("laeq_db",), Series(4, attributes=[{"zone_class": z} for z in ZONES],
+                                                                    tags=TAGS), started_at=0)
+        assert engine.calm_settles
+        engine.calm_settles = calm
+        engines.append(engine)
+    clock, seqs = [local(22, start_hour)] * 4, [0] * 4
+    for batch in batches:
+        readings = []
+        for row, gap, value, how in batch:
+            if how == "back":
+                t, q = clock[row] - 30 * gap, seqs[row] - gap
+            elif how == "repeat":
+                t, q = clock[row], seqs[row]
+            else:
+                clock[row] += 30 * gap
+                seqs[row] += gap
+                t, q = clock[row], (seqs[row] if how == "next" else -1)
+            readings.append((row, t, value, q))
+        if not readings:
+            continue
+        rows, ts, values, seq = (np.array(column) for column in zip(*readings))
+        results = [engine.evaluate(ColumnBatch(rows.astype(np.int64), ts.astype(float),
+                                               values.astype(float).reshape(-1, 1), ("laeq_db",),
+                                               seq.astype(np.int64)), float(ts.max()))
+                   for engine in engines]
+        calm, rounds = results
+        # in device-time order per series (the order of equal times across series is not defined)
+        per_series = [sorted([(e.device_id, e.ts, e.rule, e.event, e.severity) for e in r.events],
+                             key=lambda e: (e[0], e[1])) for r in results]
+        assert per_series[0] == per_series[1]
+        assert calm.duplicate.tolist() == rounds.duplicate.tolist()
+        assert calm.too_late.tolist() == rounds.too_late.tolist()
+        settled, stepped = engines[0].snapshot(), engines[1].snapshot()
+        assert settled.keys() == stepped.keys()
+        for name in settled:
+            np.testing.assert_array_equal(settled[name], stepped[name], err_msg=name)
