@@ -3,10 +3,13 @@ one-reading-at-a-time reference (tests/reference.py) measured in the same run, a
 device.
 
     .venv/bin/python -m bench.detectors [--sizes 1000,10000,100000] [--batches 20] [--cpu 0]
+    .venv/bin/python -m bench.detectors --per-device 100 --sizes 1000,10000 --batches 5
 
 Each profile run feeds batches of one reading per device (the shape the gateway hands over after a
 wake-up) with 1% of readings over a threshold; the time is wall time on one core (pinned with
---cpu where the OS allows).
+--cpu where the OS allows). With ``--per-device K`` each batch holds K consecutive readings of every
+device (batched payloads), and the same run is repeated with every reading stepped in rounds (calm
+readings not settled in one pass: rules/engine.py) as the baseline.
 """
 
 from __future__ import annotations
@@ -83,21 +86,28 @@ def readings(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
     return values
 
 
-def profile_rate(kind: str, n: int, batches: int, interval_s: float = 60.0) -> tuple[float, float, int]:
+def profile_rate(kind: str, n: int, batches: int, interval_s: float = 60.0, per_device: int = 1,
+                 calm: bool = True) -> tuple[float, float, int]:
     """(readings/s, bytes of state per device, alert events) for the whole shipped profile."""
     rng = np.random.default_rng(7)
     engine = KindEngine(kind, CONFIG.kinds[kind], READING_MODELS[kind].FIELDS, Series(kind, n), started_at=T0)
-    rows = np.arange(n, dtype=np.int64)
-    data = [readings(kind, n, rng) for _ in range(batches + 2)]
+    engine.calm_settles &= calm
+    rows = np.tile(np.arange(n, dtype=np.int64), per_device)
+    step = np.repeat(np.arange(per_device, dtype=float), n)  # the k-th reading of each device in a batch
+
+    def batch(b: int) -> ColumnBatch:
+        values = np.concatenate([readings(kind, n, rng) for _ in range(per_device)])
+        return ColumnBatch(rows, T0 + interval_s * (b * per_device + step), values, engine.fields)
+
+    data = [batch(b) for b in range(batches + 2)]
     for b in range(2):  # warm up: fill the windows
-        engine.evaluate(ColumnBatch(rows, np.full(n, T0 + interval_s * b), data[b], engine.fields), T0)
+        engine.evaluate(data[b], T0)
     events = 0
     start = time.perf_counter()
     for b in range(2, batches + 2):
-        ts = np.full(n, T0 + interval_s * b)
-        events += len(engine.evaluate(ColumnBatch(rows, ts, data[b], engine.fields), T0).events)
+        events += len(engine.evaluate(data[b], T0).events)
     elapsed = time.perf_counter() - start
-    return n * batches / elapsed, engine.state_bytes_per_series(), events
+    return n * per_device * batches / elapsed, engine.state_bytes_per_series(), events
 
 
 def reference_rate(kind: str, n_readings: int) -> float:
@@ -175,6 +185,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--cpu", type=int, default=0, help="pin to this core (-1: do not pin)")
     parser.add_argument("--kinds", default="smoke,ev_charger,noise,meter")
+    parser.add_argument("--per-device", type=int, default=1, help="readings of each device in one batch")
     parser.add_argument("--interval", type=float, default=60.0,
                         help="device seconds between a device's readings (20 keeps every smoke rate-of-rise window live)")
     args = parser.parse_args()
@@ -187,16 +198,22 @@ def main() -> None:
     for name, rate in kernel_rates(sizes[-1]).items():
         print(f"  {name:<28} {rate:>16,.0f}")
     print()
-    print(f"one reading per device every {args.interval:g} s of device time, 1% over a threshold")
+    k = args.per_device
+    print(f"{k} reading(s) per device in a batch, every {args.interval:g} s of device time, 1% over a threshold")
     print(f"{'profile':<11} {'rules':>5} {'devices':>9} {'readings/s':>14} {'reference/s':>12} {'× ref':>7} "
-          f"{'state B/dev':>11} {'events':>7}")
+          f"{'state B/dev':>11} {'events':>7}" + (f" {'in rounds/s':>12} {'× rounds':>8}" if k > 1 else ""))
     for kind in kinds:
         ref = reference_rate(kind, 4000)
         for n in sizes:
-            rate, state, events = profile_rate(kind, n, args.batches if n <= 100000 else max(3, args.batches // 4),
-                                               args.interval)
-            print(f"{kind:<11} {len(CONFIG.kinds[kind].rules):>5} {n:>9,} {rate:>14,.0f} {ref:>12,.0f} "
-                  f"{rate / ref:>7.0f} {state:>11,.0f} {events:>7}")
+            batches = args.batches if n <= 100000 else max(3, args.batches // 4)
+            rate, state, events = profile_rate(kind, n, batches, args.interval, k)
+            line = (f"{kind:<11} {len(CONFIG.kinds[kind].rules):>5} {n:>9,} {rate:>14,.0f} {ref:>12,.0f} "
+                    f"{rate / ref:>7.0f} {state:>11,.0f} {events:>7}")
+            if k > 1:
+                rounds, _, same = profile_rate(kind, n, batches, args.interval, k, calm=False)
+                assert same == events, "settling calm readings changed the alerts"
+                line += f" {rounds:>12,.0f} {rate / rounds:>8.1f}"
+            print(line)
 
 
 if __name__ == "__main__":
