@@ -200,6 +200,19 @@ class RuleState:
         return dict(vars(self))
 
 
+def _starts(rows: np.ndarray) -> np.ndarray:
+    """Where a new series begins in readings sorted by series."""
+    first = np.ones(rows.shape[0], dtype=bool)
+    first[1:] = rows[1:] != rows[:-1]
+    return first
+
+
+def _segments(first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index of the first and of the last reading of each series, given :func:`_starts`."""
+    heads = np.flatnonzero(first)
+    return heads, np.concatenate((heads[1:], [first.shape[0]])) - 1
+
+
 # --------------------------------------------------------------------------------------------
 # The engine
 
@@ -275,8 +288,7 @@ class KindEngine:
         seq = batch.seq if batch.seq is not None else np.full(n, -1, dtype=np.int64)
         order = np.lexsort((np.arange(n), batch.ts, batch.rows))  # equal times keep arrival order
         rows, ts, seq, values = batch.rows[order], batch.ts[order], seq[order], batch.values[order]
-        first = np.ones(n, dtype=bool)
-        first[1:] = rows[1:] != rows[:-1]
+        first = _starts(rows)
         duplicate, too_late = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
         # Calm prefixes settle in one pass; then one round takes each series' next reading (an alert
         # clearing, say), after which its remaining readings may be calm again. While that pays, repeat.
@@ -317,12 +329,10 @@ class KindEngine:
 
     @staticmethod
     def _drop(keep: np.ndarray, *columns: np.ndarray) -> tuple[np.ndarray, ...]:
-        """The columns at ``keep`` (still sorted by series), and which of them start a series."""
+        """The columns at ``keep`` (still sorted by series: ``columns[1]`` are the rows), and which of
+        them start a series."""
         kept = tuple(c[keep] for c in columns)
-        rows = kept[1]
-        first = np.ones(rows.shape[0], dtype=bool)
-        first[1:] = rows[1:] != rows[:-1]
-        return (*kept, first)
+        return (*kept, _starts(kept[1]))
 
     def _quiet(self, rows: np.ndarray, ts: np.ndarray, values: np.ndarray) -> np.ndarray:
         """Readings that meet no create condition of any rule (a threshold-only profile)."""
@@ -359,8 +369,7 @@ class KindEngine:
     def _settle_calm(self, rows: np.ndarray, ts: np.ndarray, seq: np.ndarray, values: np.ndarray,
                      first: np.ndarray, gateway_time: float) -> None:
         """The state after stepping calm readings (see :meth:`_calm_prefix`) one by one, in one pass."""
-        starts = np.flatnonzero(first)
-        ends = np.concatenate((starts[1:], [rows.shape[0]])) - 1
+        starts, ends = _segments(first)
         series = rows[starts]
         self.last_ts[series] = ts[ends]  # each reading was newer than the last
         self.last_seen[series] = gateway_time
@@ -368,12 +377,9 @@ class KindEngine:
         if has_seq.any():
             # each seq was ahead of the highest: the map shifts by the whole climb and marks every seq
             r, s = rows[has_seq], seq[has_seq]
-            head = np.ones(r.shape[0], dtype=bool)
-            head[1:] = r[1:] != r[:-1]
-            heads = np.flatnonzero(head)
-            tails = np.concatenate((heads[1:], [r.shape[0]])) - 1
+            heads, tails = _segments(_starts(r))
             top = s[tails]
-            top_each = np.repeat(top, np.diff(np.concatenate((heads, [r.shape[0]]))))
+            top_each = np.repeat(top, tails - heads + 1)
             behind = top_each - s
             marks = np.where(behind < SEQ_WINDOW,
                              np.uint64(1) << np.minimum(behind, SEQ_WINDOW - 1).astype(np.uint64), np.uint64(0))
@@ -395,8 +401,7 @@ class KindEngine:
                     state.run_start[j][touched] = np.nan
                     state.run_count[j][touched] = 0
             if rule.clear is not None and (rule.clear.condition.for_s > 0 or rule.clear.condition.count > 1):
-                self._settle_clear_run(rule, state, rows[carried], ts[carried], raw[carried], block[carried],
-                                       series)
+                self._settle_clear_run(rule, state, rows[carried], ts[carried], raw[carried])
             if rule.rule.flapping is not None:  # no level changed: as many zeros shifted into the history
                 k = stepped[stepped > 0].astype(np.uint64)
                 mask = np.uint64((1 << rule.rule.flapping.history) - 1)
@@ -405,18 +410,17 @@ class KindEngine:
                                                     (bits << np.minimum(k, np.uint64(63))) & mask)
 
     def _settle_clear_run(self, rule: CompiledRule, state: RuleState, rows: np.ndarray, ts: np.ndarray,
-                          value: np.ndarray, block: np.ndarray, series: np.ndarray) -> None:
-        """The clear condition's debounce run after these readings: it restarts after the last reading
-        that broke it, or, when none did, goes on from where it was."""
+                          value: np.ndarray) -> None:
+        """The clear condition's debounce run after these readings (sorted by series, then time): it
+        restarts after the last reading that broke it, or, when none did, goes on from where it was."""
         if rows.shape[0] == 0:
             return
-        in_schedule = schedule.active(ts, rule.windows, UTC_OFFSET_S) if rule.windows else True
-        holds = compare(value, rule.clear.thresholds(rows, ts), CLEAR_OP[rule.rule.op]) | ~in_schedule
+        assert rule.clear is not None
+        holds = compare(value, rule.clear.thresholds(rows, ts), CLEAR_OP[rule.rule.op])
+        if rule.windows:
+            holds |= ~schedule.active(ts, rule.windows, UTC_OFFSET_S)  # off schedule the alert is cleared
         index = np.arange(rows.shape[0])
-        head = np.ones(rows.shape[0], dtype=bool)
-        head[1:] = block[1:] != block[:-1]
-        heads = np.flatnonzero(head)
-        tails = np.concatenate((heads[1:], [rows.shape[0]])) - 1
+        heads, tails = _segments(_starts(rows))
         last_break = np.maximum.accumulate(np.where(~holds, index, -1))[tails]
         who = rows[heads]
         broke = last_break >= heads
