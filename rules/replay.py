@@ -55,9 +55,11 @@ class Pending:
     def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if not self.chunks:
             return (np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self.n_fields)), np.zeros(0, np.int64))
-        if len(self.chunks) > 1:
-            self.chunks = [tuple(np.concatenate(parts) for parts in zip(*self.chunks))]  # type: ignore[misc]
-        return self.chunks[0]
+        if len(self.chunks) == 1:
+            return self.chunks[0]
+        # a copy, the chunks left as they are: one merged chunk would be split again, whole, by the
+        # next take_ripe (the copy of the buffer a second that max_chunk is there to avoid)
+        return tuple(np.concatenate(parts) for parts in zip(*self.chunks))  # type: ignore[return-value]
 
     def take_ripe(self, horizon: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """Remove and return the readings older than their series' ``horizon``; chunks are only copied
