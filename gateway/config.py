@@ -191,7 +191,8 @@ class IncidentsConfig(Section):
     fire_kinds: list[str] = Field(default_factory=lambda: ["smoke", "ev_charger"],
                                   description="incidents of these kinds also name the nearest micro fire station")
     escalation_team: str | None = Field(default="command", description="notified when an SLA is breached")
-    sla_check_interval_s: float = Field(default=5.0, gt=0)
+    sla_check_interval_s: float = Field(default=1.0, gt=0, description="how often SLA clocks are checked; a check "
+                                        "reads only the incidents with a warning or deadline due")
 
 
 class InfluxConfig(Section):

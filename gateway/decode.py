@@ -276,8 +276,8 @@ class ReadingColumns:
     def __len__(self) -> int:
         return int(self.ts.shape[0])
 
-    def recent(self, kept: np.ndarray, depth: int) -> list[tuple[float, int, tuple[Any, ...]]]:
-        """The last ``depth`` kept readings as the dashboard keeps them: (ts, port, values in FIELDS
+    def recent(self, kept: np.ndarray, depth: int) -> list[tuple[Any, ...]]:
+        """The last ``depth`` kept readings as the dashboard keeps them: (ts, port, *values in FIELDS
         order, None where absent, booleans as booleans), straight from the columns."""
         index = np.flatnonzero(kept)[-depth:]
         numbers = self.values[index]
@@ -287,7 +287,8 @@ class ReadingColumns:
             if name in FastColumns.booleans[self.kind]:
                 shown[:, j] = numbers[:, j] != 0
         shown[missing] = None
-        return list(zip(self.ts[index].tolist(), self.ports[index].tolist(), map(tuple, shown.tolist())))
+        return [(ts, port, *values) for ts, port, values in
+                zip(self.ts[index].tolist(), self.ports[index].tolist(), shown.tolist())]
 
     def reading(self, i: int) -> Reading:
         """Reading ``i`` as the model instance the per-reading path would have made (for storage, the

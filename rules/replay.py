@@ -135,8 +135,9 @@ class ReplayingEngine(KindEngine):
         accepted[out.duplicate] = False
         accepted[out.too_late] = False
         self.pending.add(batch.rows[accepted], batch.ts[accepted], batch.values[accepted], seq[accepted])
-        if gateway_time - self.advanced_at >= self.advance_every_s or (
-                len(self.pending) > self.max_pending + self.max_pending // 10):  # memory first
+        if len(self.pending) > self.max_pending:
+            self._settle_early(gateway_time)
+        if gateway_time - self.advanced_at >= self.advance_every_s:
             self.advance(gateway_time)
         return out
 
@@ -258,26 +259,31 @@ class ReplayingEngine(KindEngine):
         """Hand the shadow every pending reading no late one can precede any more."""
         self.advanced_at = gateway_time
         horizon = self.last_ts - self.profile.lateness_s
-        if len(self.pending) > self.max_pending:
-            # a whole city reporting fast: memory bounds how far back a late reading can be replayed
-            # exactly; a reading older than what the shadow has taken is applied in arrival order.
-            # Settled down to 95%, a few seconds of readings at a time: settling half the buffer at once
-            # stalled the gateway for 300 ms every few tens of seconds
-            before = len(self.pending)
-            cut = self.pending.oldest_beyond(self.max_pending - self.max_pending // 20)
-            ripe = self.pending.take_ripe(np.maximum(horizon, cut))
-            self.settled_early += before - len(self.pending)
-        else:
-            ripe = self.pending.take_ripe(horizon)
-        if ripe is not None:
-            rows, ts, values, seq = ripe
-            self.shadow.evaluate(ColumnBatch(rows, ts, values, self.fields, seq), gateway_time)
+        self._to_shadow(self.pending.take_ripe(horizon), gateway_time)
         for row in list(self.recent):
             sent = self.recent[row]
             while sent and sent[0].ts < horizon[row]:
                 sent.popleft()
             if not sent:
                 del self.recent[row]
+
+    def _settle_early(self, gateway_time: float) -> None:
+        """A whole city reporting fast: memory bounds how far back a late reading can be replayed
+        exactly; a reading older than what the shadow has taken is applied in arrival order. The
+        oldest 1% go to the shadow as soon as the buffer is over its bound: settling half of it at
+        once stalled the gateway for 300 ms every few tens of seconds, 5% once a second still put
+        30-100 ms on the alert latency's p99 at 13,000 msg/s."""
+        before = len(self.pending)
+        cut = self.pending.oldest_beyond(self.max_pending - self.max_pending // 100)
+        horizon = np.maximum(self.last_ts - self.profile.lateness_s, cut)
+        self._to_shadow(self.pending.take_ripe(horizon), gateway_time)
+        self.settled_early += before - len(self.pending)
+
+    def _to_shadow(self, ripe: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None,
+                   gateway_time: float) -> None:
+        if ripe is not None:
+            rows, ts, values, seq = ripe
+            self.shadow.evaluate(ColumnBatch(rows, ts, values, self.fields, seq), gateway_time)
 
     # -- state -----------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, np.ndarray]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
+
+from gateway.incidents import sla
 
 from gateway.config import GroupingConfig, InhibitRule
 from gateway.incidents.lifecycle import TransitionError
@@ -219,8 +223,80 @@ def test_migrations_are_versioned_and_applied_once(store_url):
     first = Database(store_url)
     first.close()
     again = Database(store_url)
-    assert [r["version"] for r in again.fetchall("SELECT version FROM schema_version")] == [1]
+    assert [r["version"] for r in again.fetchall("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
     again.close()
+
+
+def _due_by_scanning(queue: IncidentQueue, now: float) -> set[tuple[str, str, str]]:
+    """What the SLA tick must do at ``now``, found the old way: every open incident, every clock."""
+    due = set()
+    for incident in queue.db.fetchall("SELECT * FROM incidents WHERE is_open = 1"):
+        if incident["state"] not in sla.CLOCKED_STATES:
+            continue
+        for clock in sla.running(incident, now):
+            if clock.breached and clock.stage not in incident["sla_breached"].split(","):
+                due.add((incident["id"], "sla_breach", clock.stage))
+            elif (not clock.breached and clock.fraction >= sla.WARN_AT
+                  and clock.stage not in incident["sla_warned"].split(",")):
+                due.add((incident["id"], "sla_warning", clock.stage))
+    return due
+
+
+def test_the_sla_tick_reads_only_due_incidents_and_misses_none_a_full_scan_would_find(queue):
+    queue.config.incidents.grouping = GroupingConfig(window_s=30, min_devices=3)
+    rng = random.Random(20261202)
+    kinds = [("smoke", "smoke_alarm", "critical"), ("noise", "laeq_over_limit", "warning"),
+             ("meter", "meter_overheat", "major"), ("ev_charger", "port_overtemp", "warning")]
+    now, found, read = T0, 0, []
+    for step in range(160):
+        now += rng.choice([1, 3, 7, 20, 45, 120])
+        roll = rng.random()
+        open_ids = [r["id"] for r in queue.db.fetchall("SELECT id FROM incidents WHERE is_open = 1")]
+        if roll < 0.35 or not open_ids:
+            kind, rule, severity = rng.choice(kinds[1:] if roll < 0.1 else kinds)
+            site = rng.choice(["wangma", "dongxin"])
+            for n, unit in enumerate(rng.sample(range(6), 3 if roll < 0.1 else 1)):  # now and then a storm
+                device = f"{kind}-{site}-{unit}"
+                queue.absorb([alert(device, rule, kind=kind, severity=severity, ts=now + n, site=site)], now=now + n)
+            now += n
+        elif roll < 0.65:
+            incident = queue.get(rng.choice(open_ids))
+            action = {"new": "ack", "acknowledged": "dispatch", "dispatched": "arrive", "on_site": "resolve",
+                      "resolved": rng.choice(["close", "reopen"])}.get(incident["state"])
+            if action is not None:
+                queue.act(incident["id"], action, "王丽", note="checked", team="squad-1", now=now)
+        else:
+            expected = _due_by_scanning(queue, now)
+            before = queue.db.fetchone("SELECT COUNT(*) AS n FROM incidents WHERE sla_next_at <= ?", (now,))["n"]
+            changes = queue.sla_tick(now=now)
+            got = {(c.incident["id"], c.action, c.note.split(" ", 1)[0]) for c in changes}
+            assert got == expected, f"step {step}"
+            found += len(got)
+            read.append((before, queue.db.fetchone("SELECT COUNT(*) AS n FROM incidents WHERE is_open = 1")["n"]))
+            assert _due_by_scanning(queue, now) == set()  # and nothing is left for a second tick
+    assert found >= 20  # the walk did reach warnings and breaches, and storms
+    assert queue.db.fetchone("SELECT COUNT(*) AS n FROM incidents WHERE dedup_key LIKE 'group:%'")["n"] >= 3
+    # the tick read a fraction of what a full scan reads
+    assert sum(r for r, _ in read) < 0.3 * sum(n for _, n in read)
+
+
+def test_an_incident_open_when_the_store_is_upgraded_is_timed_from_the_first_tick(street_config, store_url):
+    db = Database(store_url)
+    queue = IncidentQueue(street_config, db)
+    [change] = queue.absorb([alert()], now=T0)
+    with db.transaction():  # as a version-1 store left it: no schedule
+        db.execute("UPDATE incidents SET sla_next_at = NULL")
+        db.execute("DROP INDEX incidents_sla_next")
+        db.execute("ALTER TABLE incidents DROP COLUMN sla_next_at")
+        db.execute("DELETE FROM schema_version WHERE version = 2")
+    db.close()
+    db = Database(store_url)  # migrates to version 2
+    queue = IncidentQueue(queue.config, db)
+    [warning] = queue.sla_tick(now=T0 + 50)
+    assert (warning.incident["id"], warning.action) == (change.incident["id"], "sla_warning")
+    assert queue.sla_tick(now=T0 + 55) == []
+    assert db.fetchone("SELECT sla_next_at FROM incidents")["sla_next_at"] == T0 + 60  # the breach, next
+    db.close()
 
 
 def test_a_bad_store_url_says_so():

@@ -25,6 +25,7 @@ from rules.events import AlertEvent
 GATEWAY = "gateway"  # the actor of what the gateway does by itself
 SHANGHAI = timezone(timedelta(hours=8))
 SEVERITY_RANK = {s: i for i, s in enumerate(sla.SEVERITY_ORDER)}
+SLA_BATCH = 200  # incidents timed in one transaction: a storm's warnings cost one commit, not hundreds
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ def public(incident: dict[str, Any]) -> dict[str, Any]:
     out["is_open"] = bool(out["is_open"])
     out["alert_active"] = bool(out["alert_active"])
     out.pop("dedup_key", None)
+    out.pop("sla_next_at", None)  # the SLA tick's schedule, not part of the incident
     return out
 
 
@@ -146,6 +148,7 @@ class IncidentQueue:
             "closed_at": None, **sla.deadlines(self.config.sla, alert.kind, alert.severity, now),
             "sla_warned": "", "sla_breached": "", "result": None, "updated_at": now,
         }
+        row["sla_next_at"] = sla.next_check(row)
         columns = ", ".join(row)
         self.db.execute(f"INSERT INTO incidents ({columns}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
         self._add_occurrence(row, alert)
@@ -184,11 +187,11 @@ class IncidentQueue:
         members = list(dict.fromkeys([r["device_id"] for r in recent] + [alert.device_id]))
         changes = self._open(alert, gkey, now, members=members)
         group = self._get(changes[0].incident["id"])
+        first = min(r["opened_at"] for r in recent)
         self.db.execute("UPDATE incidents SET occurrences = occurrences + ?, opened_at = ?, "
-                        "dispatch_deadline = ?, arrive_deadline = ?, resolve_deadline = ? WHERE id = ?",
-                        (len(recent), min(r["opened_at"] for r in recent),
-                         *sla.deadlines(self.config.sla, alert.kind, alert.severity,
-                                        min(r["opened_at"] for r in recent)).values(), group["id"]))
+                        "dispatch_deadline = ?, arrive_deadline = ?, resolve_deadline = ?, sla_next_at = ? WHERE id = ?",
+                        (len(recent), first, *sla.deadlines(self.config.sla, alert.kind, alert.severity, first).values(),
+                         first, group["id"]))  # the clocks run from the first member: let the next tick look
         for member in recent:
             self.db.execute("UPDATE incidents SET is_open = 0, state = 'closed', closed_at = ?, result = ?, "
                             "updated_at = ? WHERE id = ?",
@@ -271,7 +274,7 @@ class IncidentQueue:
             elif action == "reopen":
                 sets.update(is_open=1, closed_at=None, resolved_at=None, result=None, opened_at=now,
                             acknowledged_at=None, dispatched_at=None, on_site_at=None, sla_warned="",
-                            sla_breached="",
+                            sla_breached="", sla_next_at=now,  # new clocks: the next tick schedules them
                             **sla.deadlines(self.config.sla, incident["kind"], incident["severity"], now))
             if spec.to is not None:
                 sets["state"] = spec.to
@@ -288,40 +291,56 @@ class IncidentQueue:
     # -- clocks ---------------------------------------------------------------------------------------
     def sla_tick(self, now: float | None = None) -> list[IncidentChange]:
         """Warn at 80% of each running deadline; on breach escalate: severity up one, the escalation
-        team told, and an incident that was only acknowledged goes back to new (re-triggered)."""
+        team told, and an incident that was only acknowledged goes back to new (re-triggered).
+
+        Reads only the incidents whose ``sla_next_at`` is due (an index), not every open one: a
+        city's open incidents are read when they have something to time, not every few seconds.
+        ``sla_next_at`` may be early (a clock stopped by a dispatch, an incident closed) but never
+        late; an incident read early is rescheduled and nothing else happens to it."""
         now = self.clock() if now is None else now
         changes: list[IncidentChange] = []
-        for incident in self.db.fetchall("SELECT * FROM incidents WHERE is_open = 1 AND state IN "
-                                         "('new', 'acknowledged', 'dispatched', 'on_site')"):
+        due = [r["id"] for r in self.db.fetchall("SELECT id FROM incidents WHERE sla_next_at IS NOT NULL AND "
+                                                 "sla_next_at <= ? ORDER BY sla_next_at", (now,))]
+        for start in range(0, len(due), SLA_BATCH):  # one commit (one fsync) for a batch of incidents
+            with self.db.transaction():
+                for incident_id in due[start:start + SLA_BATCH]:
+                    changes += self._sla_step(self._get(incident_id), now)
+        return changes
+
+    def _sla_step(self, incident: dict[str, Any], now: float) -> list[IncidentChange]:
+        changes: list[IncidentChange] = []
+        if incident["is_open"] and incident["state"] in sla.CLOCKED_STATES:
             for clock in sla.running(incident, now):
                 warned = set(filter(None, incident["sla_warned"].split(",")))
                 breached = set(filter(None, incident["sla_breached"].split(",")))
                 if clock.breached and clock.stage not in breached:
-                    with self.db.transaction():
-                        fresh = self._get(incident["id"])
-                        if clock.stage in fresh["sla_breached"].split(","):
-                            continue  # another gateway got there first
-                        severity = sla.raise_one(fresh["severity"])
-                        state = "new" if fresh["state"] == "acknowledged" else fresh["state"]
-                        self.db.execute("UPDATE incidents SET sla_breached = ?, sla_warned = ?, severity = ?, "
-                                        "state = ?, updated_at = ? WHERE id = ?",
-                                        (",".join(sorted(breached | {clock.stage})),
-                                         ",".join(sorted(warned | {clock.stage})), severity, state, now,
-                                         incident["id"]))
-                        escalation = self.config.incidents.escalation_team
-                        note = (f"{clock.stage} deadline missed by {now - clock.deadline:.0f} s; severity "
-                                f"{fresh['severity']} → {severity}" + (f"; {escalation} notified" if escalation else "")
-                                + ("; re-triggered: acknowledged but not acted on" if state != fresh["state"] else ""))
-                        changes.append(self._audit(self._get(incident["id"]), "sla_breach", GATEWAY, now, note,
-                                                   from_state=fresh["state"], to_state=state))
+                    severity = sla.raise_one(incident["severity"])
+                    state = "new" if incident["state"] == "acknowledged" else incident["state"]
+                    # conditional on what was read: another gateway that got there first wins
+                    if not self.db.execute("UPDATE incidents SET sla_breached = ?, sla_warned = ?, severity = ?, "
+                                           "state = ?, updated_at = ? WHERE id = ? AND sla_breached = ?",
+                                           (",".join(sorted(breached | {clock.stage})),
+                                            ",".join(sorted(warned | {clock.stage})), severity, state, now,
+                                            incident["id"], incident["sla_breached"])):
+                        return changes
+                    escalation = self.config.incidents.escalation_team
+                    note = (f"{clock.stage} deadline missed by {now - clock.deadline:.0f} s; severity "
+                            f"{incident['severity']} → {severity}" + (f"; {escalation} notified" if escalation else "")
+                            + ("; re-triggered: acknowledged but not acted on" if state != incident["state"] else ""))
+                    before = incident["state"]
                     incident = self._get(incident["id"])
+                    changes.append(self._audit(incident, "sla_breach", GATEWAY, now, note, from_state=before,
+                                               to_state=state))
                 elif not clock.breached and clock.fraction >= sla.WARN_AT and clock.stage not in warned:
-                    with self.db.transaction():
-                        self.db.execute("UPDATE incidents SET sla_warned = ?, updated_at = ? WHERE id = ?",
-                                        (",".join(sorted(warned | {clock.stage})), now, incident["id"]))
-                        changes.append(self._audit(self._get(incident["id"]), "sla_warning", GATEWAY, now,
-                                                   f"{clock.stage} deadline in {clock.deadline - now:.0f} s"))
+                    if not self.db.execute("UPDATE incidents SET sla_warned = ?, updated_at = ? "
+                                           "WHERE id = ? AND sla_warned = ?",
+                                           (",".join(sorted(warned | {clock.stage})), now, incident["id"],
+                                            incident["sla_warned"])):
+                        return changes
                     incident = self._get(incident["id"])
+                    changes.append(self._audit(incident, "sla_warning", GATEWAY, now,
+                                               f"{clock.stage} deadline in {clock.deadline - now:.0f} s"))
+        self.db.execute("UPDATE incidents SET sla_next_at = ? WHERE id = ?", (sla.next_check(incident), incident["id"]))
         return changes
 
     # -- silences ---------------------------------------------------------------------------------------

@@ -52,5 +52,26 @@ def running(incident: dict[str, Any], now: float) -> list[Clock]:
     return out
 
 
+#: the states in which SLA clocks run (resolved and closed incidents have nothing left to time)
+CLOCKED_STATES = ("new", "acknowledged", "dispatched", "on_site")
+
+
+def next_check(incident: dict[str, Any]) -> float | None:
+    """When the SLA tick next has something to do for this incident: the earliest warning not yet
+    given or deadline not yet recorded as missed, among its running clocks; None when none is left.
+    Stored as ``sla_next_at`` (indexed), so a tick reads only the incidents that are due."""
+    if not incident["is_open"] or incident["state"] not in CLOCKED_STATES:
+        return None
+    warned = incident["sla_warned"].split(",")
+    breached = incident["sla_breached"].split(",")
+    times = []
+    for clock in running(incident, incident["opened_at"]):
+        if clock.stage not in warned:
+            times.append(incident["opened_at"] + WARN_AT * (clock.deadline - incident["opened_at"]))
+        elif clock.stage not in breached:
+            times.append(clock.deadline)
+    return min(times, default=None)
+
+
 def raise_one(severity: str) -> str:
     return SEVERITY_ORDER[min(SEVERITY_ORDER.index(severity) + 1, len(SEVERITY_ORDER) - 1)]
