@@ -280,6 +280,22 @@ def test_the_sla_tick_reads_only_due_incidents_and_misses_none_a_full_scan_would
     assert sum(r for r, _ in read) < 0.3 * sum(n for _, n in read)
 
 
+def test_two_gateways_ticking_the_same_store_warn_and_escalate_once(street_config, store_url):
+    first, second = Database(store_url), Database(store_url)
+    one, other = IncidentQueue(street_config, first), IncidentQueue(street_config, second)
+    [change] = one.absorb([alert()], now=T0)
+    stale = other._get(change.incident["id"])  # the other gateway read it due, then lost the race
+    assert [c.action for c in one.sla_tick(now=T0 + 50)] == ["sla_warning"]
+    assert other._sla_step(stale, T0 + 50) == []  # its conditional update found the row changed
+    assert [c.action for c in other.sla_tick(now=T0 + 61)] == ["sla_breach"]
+    assert one._sla_step(one._get(change.incident["id"]) | {"sla_breached": ""}, T0 + 61) == []
+    incident = one.get(change.incident["id"])
+    assert [a["action"] for a in incident["audit"]] == ["opened", "sla_warning", "sla_breach"]
+    assert incident["severity"] == "critical"  # raised once (critical is the top: it stays)
+    first.close()
+    second.close()
+
+
 def test_an_incident_open_when_the_store_is_upgraded_is_timed_from_the_first_tick(street_config, store_url):
     db = Database(store_url)
     queue = IncidentQueue(street_config, db)
