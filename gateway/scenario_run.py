@@ -116,7 +116,8 @@ def cmd_simulate(config: Config, args: argparse.Namespace, address: Any) -> int:
     try:
         scenario = scenario_from_args(args)
         fleet = fleet_for(config, scenario, args.devices)
-        simulation = Simulation(scenario, fleet, offline_after_s={k: p.offline_after_s for k, p in config.kinds.items()})
+        simulation = Simulation(scenario, fleet, offline_after_s={k: p.offline_after_s for k, p in config.kinds.items()},
+                                device_rate_per_s=config.ingest.device_rate_per_s)
     except (ScenarioError, ValueError) as exc:
         console.print(f"[red]{exc}[/]", highlight=False)
         return EXIT_USAGE
@@ -197,7 +198,8 @@ async def evaluate_scenario(config: Config, args: argparse.Namespace, stop: asyn
                               "often than in real time; the gateway's ingest.device_rate_per_s may take them for floods")
         try:
             simulation = Simulation(scenario, fleet, offline_after_s={k: p.offline_after_s for k, p in config.kinds.items()},
-                                    check_interval_s=config.detection.offline_check_interval_s)
+                                    check_interval_s=config.detection.offline_check_interval_s,
+                                    device_rate_per_s=account_config.ingest.device_rate_per_s)
         except (ScenarioError, ValueError) as exc:
             console.print(f"[red]{exc}[/]", highlight=False)
             stop.set()

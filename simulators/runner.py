@@ -184,10 +184,15 @@ class Simulation:
     def __init__(self, scenario: Scenario, fleet: list[DeviceSpec], *, now: float | None = None,
                  speed: float | None = None, rate: float | None = None, seed: int | None = None,
                  offline_after_s: dict[str, float] | None = None, check_interval_s: float = 5.0,
-                 interval_s: float | None = None):
+                 interval_s: float | None = None, device_rate_per_s: float = 0.0):
         self.scenario = scenario
         self.speed = scenario.speed if speed is None else speed
         self.rate = scenario.rate if rate is None else rate
+        # Unpaced (speed 0), a device whose event makes it report every few seconds during a quiet hour
+        # of the rest of the fleet would send hundreds of messages in a fraction of a wall second, and
+        # the gateway rightly takes that for a flood: its reports are spaced to half the gateway's
+        # per-device rate (``ingest.device_rate_per_s``; 0 = no limit). Flood faults are not spaced.
+        self.device_gap_s = 2.0 / device_rate_per_s if device_rate_per_s > 0 and self.speed <= 0 else 0.0
         self.rng = random.Random(scenario.seed if seed is None else seed)
         self.t0 = layout_start(scenario, time.time() if now is None else now)
         self.t_end = self.t0 + scenario.duration
@@ -271,6 +276,7 @@ class Simulation:
         budget_at, sent_in_budget = wall0, 0
         last_progress = 0.0
         dropped: dict[str, tuple[mqtt.Client, float]] = {}
+        last_sent: dict[str, float] = {}  # device → wall time of its last report (see device_gap_s)
         try:
             while heap and not stop.is_set():
                 t, _, what, item = heapq.heappop(heap)
@@ -280,6 +286,10 @@ class Simulation:
                     due = wall0 + (t - self.t0) / self.speed
                     while (wait := due - time.time()) > 0 and not stop.is_set():
                         time.sleep(min(wait, 0.1))
+                if what == "report" and self.device_gap_s:
+                    if (wait := last_sent.get(item, -math.inf) + self.device_gap_s - time.time()) > 0:
+                        time.sleep(wait)
+                    last_sent[item] = time.time()
                 messages = self._messages(what, item, t, publisher, dropped, heap)
                 for topic, payload, retain in messages:
                     if self.rate:

@@ -317,6 +317,32 @@ expect:
     assert len(json.loads(truth.read_text())["rows"]) == 11
 
 
+def test_unpaced_a_device_reporting_fast_through_an_event_is_not_taken_for_a_flood_but_a_flood_is(tmp_path):
+    # at speed 0 the detector's hour of low-battery reports (one every 10 s, 360) would reach the
+    # gateway within a few tens of milliseconds: over its per-device limit, a false "flooding"
+    scenario = tmp_path / "fast.yaml"
+    scenario.write_text("""
+name: fast
+start: "22:00"
+duration: 2h
+speed: 0
+fleet: {per_kind: {smoke: 1, meter: 1}}
+events:
+  - {at: 10m, event: low_battery, kind: smoke, device: random, duration: 1h}
+faults:
+  - {at: 1h30m, fault: flood, kind: meter, count: 500}
+expect:
+  max_false_alerts: 0
+  min_faults_handled: 1.0
+""")
+    out = tmp_path / "report.json"
+    result = streetbrain("evaluate", "--scenario", str(scenario), "--out", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["false_alerts"] == 0 and report["faults"]["by_fault"]["flood"] == {"injected": 1, "handled": 1}
+    assert report["rules"]["low_battery"]["recall"] == 1.0
+
+
 def test_evaluate_fails_when_a_threshold_is_missed(tmp_path):
     scenario = tmp_path / "strict.yaml"
     scenario.write_text("""
