@@ -44,8 +44,8 @@ class IncidentChange:
 def public(incident: dict[str, Any]) -> dict[str, Any]:
     out = dict(incident)
     out["members"] = json.loads(out["members"])
-    out["sla_warned"] = [s for s in out["sla_warned"].split(",") if s]
-    out["sla_breached"] = [s for s in out["sla_breached"].split(",") if s]
+    out["sla_warned"] = sla.stages(out["sla_warned"])
+    out["sla_breached"] = sla.stages(out["sla_breached"])
     out["is_open"] = bool(out["is_open"])
     out["alert_active"] = bool(out["alert_active"])
     out.pop("dedup_key", None)
@@ -311,8 +311,7 @@ class IncidentQueue:
         changes: list[IncidentChange] = []
         if incident["is_open"] and incident["state"] in sla.CLOCKED_STATES:
             for clock in sla.running(incident, now):
-                warned = set(filter(None, incident["sla_warned"].split(",")))
-                breached = set(filter(None, incident["sla_breached"].split(",")))
+                warned, breached = set(sla.stages(incident["sla_warned"])), set(sla.stages(incident["sla_breached"]))
                 if clock.breached and clock.stage not in breached:
                     severity = sla.raise_one(incident["severity"])
                     state = "new" if incident["state"] == "acknowledged" else incident["state"]

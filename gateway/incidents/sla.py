@@ -52,6 +52,11 @@ def running(incident: dict[str, Any], now: float) -> list[Clock]:
     return out
 
 
+def stages(marked: str) -> list[str]:
+    """The stages named in an incident's ``sla_warned`` or ``sla_breached`` column ("dispatch,arrive")."""
+    return [stage for stage in marked.split(",") if stage]
+
+
 #: the states in which SLA clocks run (resolved and closed incidents have nothing left to time)
 CLOCKED_STATES = ("new", "acknowledged", "dispatched", "on_site")
 
@@ -62,8 +67,7 @@ def next_check(incident: dict[str, Any]) -> float | None:
     Stored as ``sla_next_at`` (indexed), so a tick reads only the incidents that are due."""
     if not incident["is_open"] or incident["state"] not in CLOCKED_STATES:
         return None
-    warned = incident["sla_warned"].split(",")
-    breached = incident["sla_breached"].split(",")
+    warned, breached = stages(incident["sla_warned"]), stages(incident["sla_breached"])
     times = []
     for clock in running(incident, incident["opened_at"]):
         if clock.stage not in warned:
