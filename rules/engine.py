@@ -50,6 +50,7 @@ from rules.model import Condition, KindProfile, Param, ParamRef, Rule, Severity,
 LOCAL_TZ = ZoneInfo("Asia/Shanghai")
 UTC_OFFSET_S = 8 * 3600  # Asia/Shanghai: UTC+8, no daylight saving since 1991
 SEQ_WINDOW = 64  # anti-replay window (as IPsec's): seqs more than this far behind the newest are replays
+CALM_RETRIES = 3  # rounds in a row that leave no calm prefix before the rest of a batch goes round by round
 
 
 class SeriesInfo(Protocol):
@@ -291,15 +292,21 @@ class KindEngine:
         first = _starts(rows)
         duplicate, too_late = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
         # Calm prefixes settle in one pass; then one round takes each series' next reading (an alert
-        # clearing, say), after which its remaining readings may be calm again. While that pays, repeat.
+        # raised or clearing, say), after which its remaining readings may be calm again. While that
+        # pays, repeat: a few rounds in a row with nothing calm (a series hot for a while) end it.
+        fruitless = 0
         while self.calm_settles and not first.all():
             calm = self._calm_prefix(rows, ts, seq, values, first)
-            if not calm.any():
-                break
-            self._settle_calm(rows[calm], ts[calm], seq[calm], values[calm], first[calm], gateway_time)
-            order, rows, ts, seq, values, first = self._drop(~calm, order, rows, ts, seq, values)
-            if first.all():
-                break
+            if calm.any():
+                fruitless = 0
+                self._settle_calm(rows[calm], ts[calm], seq[calm], values[calm], first[calm], gateway_time)
+                order, rows, ts, seq, values, first = self._drop(~calm, order, rows, ts, seq, values)
+                if first.all():
+                    break
+            else:
+                fruitless += 1
+                if fruitless > CALM_RETRIES:
+                    break
             pick = np.flatnonzero(first)
             self._step_round(pick, order, rows, ts, seq, values, gateway_time, out, duplicate, too_late)
             order, rows, ts, seq, values, first = self._drop(~first, order, rows, ts, seq, values)

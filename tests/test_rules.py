@@ -511,3 +511,21 @@ def test_calm_readings_settled_in_one_pass_leave_the_state_and_events_of_rounds(
         assert settled.keys() == stepped.keys()
         for name in settled:
             np.testing.assert_array_equal(settled[name], stepped[name], err_msg=name)
+
+
+def test_a_series_that_raises_and_clears_mid_batch_costs_a_few_rounds_not_one_per_reading():
+    """The replay shadow takes thousands of readings at once; one series raising and clearing in the
+    middle of its readings must not send every reading after it (of every series) round by round."""
+    profile = KindProfile.model_validate({"rules": {"r": RULES[0]}, "params": PARAM, "lateness_s": 600})
+    engine = KindEngine("noise", profile, ("laeq_db",), Series(4, attributes=[{"zone_class": z} for z in ZONES],
+                                                                tags=TAGS), started_at=0)
+    rounds = []
+    step = engine._round
+    engine._round = lambda rows, *rest: (rounds.append(rows.shape[0]), step(rows, *rest))  # type: ignore[method-assign]
+    t0 = local(22, 2)
+    readings = [(row, t0 + i * 10, 90.0 if (row, i) == (1, 10) else 50.0, i) for row in range(4) for i in range(60)]
+    rows, ts, values, seq = (np.array(column) for column in zip(*readings))
+    out = engine.evaluate(ColumnBatch(rows.astype(np.int64), ts.astype(float), values.reshape(-1, 1), ("laeq_db",),
+                                      seq.astype(np.int64)), t0)
+    assert [(e.device_id, e.event) for e in out.events] == [("d1", "raised"), ("d1", "cleared")]
+    assert len(rounds) <= 3 and sum(rounds) <= 3
