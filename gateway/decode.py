@@ -12,10 +12,11 @@ import json
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Annotated, Any
 
 import annotated_types
+import msgspec
 import numpy as np
 import orjson
 from pydantic import ValidationError
@@ -410,6 +411,66 @@ class FastColumns:
         return out
 
 
+class TypedBatch:
+    """The plain batch message of one kind, decoded from its bytes straight into checked columns.
+
+    msgspec decodes the JSON into one small typed object per reading, checking as it parses what
+    :class:`FastColumns` checks after orjson built the dicts: known fields only, exact types (a
+    boolean is not a number, ``3.0`` is not an integer), the model's ranges, ``ts`` as epoch
+    seconds, the port present. The columns are then read attribute by attribute. It is the same
+    answer in less than half the time of dicts and column checks (docs/PERFORMANCE.md); anything it
+    refuses, for whatever reason, goes the way of every other message, which accepts it or says
+    exactly what is wrong with each reading. The types are read from the same field checks as
+    :class:`FastReading`, so the three cannot drift apart.
+    """
+
+    def __init__(self, kind: str, fast: FastReading, max_readings: int):
+        self.fields = fast.model.FIELDS
+        self.has_port = "port" in fast.fields
+        columns = {*self.fields, "seq", *(["port"] if self.has_port else [])}
+        # a field that is neither a column nor the device's name would be accepted unread: no shortcut
+        self.enabled = (fast.enabled and set(fast.fields) - {"device_id"} == columns
+                        and all(fast.template[n] is None for n in columns - fast.required))
+        spec: list[tuple[Any, ...]] = [("ts", Annotated[float, msgspec.Meta(ge=EPOCH_FLOOR, le=1e11)])]
+        for name in sorted(columns) if self.enabled else ():
+            wanted, lo, hi, lo_open, hi_open, nullable = fast.fields[name]
+            bounds = {"gt" if lo_open else "ge": lo, "lt" if hi_open else "le": hi}
+            if wanted is int:
+                bounds = {k: int(v) for k, v in bounds.items() if abs(v) != _FLOAT_MAX}
+            annotation = wanted if wanted is bool else Annotated[wanted, msgspec.Meta(**bounds)]
+            # absent and null are the same (enabled only so); a reading naming its device goes one by one
+            spec.append((name, annotation | None, None) if nullable else (name, annotation))
+        spec.sort(key=lambda f: len(f) == 3)  # the required ones (ts, a port) first
+        reading = msgspec.defstruct(f"{kind}_reading", spec, forbid_unknown_fields=True, gc=False)
+        batch = msgspec.defstruct(f"{kind}_batch", [
+            ("readings", Annotated[list[reading], msgspec.Meta(min_length=COLUMNS_FROM, max_length=max_readings)]),
+            ("device_id", str | None, None)], gc=False)  # other keys of the batch are ignored, as by the dict path
+        self.decoder = msgspec.json.Decoder(batch)
+        self.getters = [attrgetter(name) for name in self.fields]
+
+    def __call__(self, payload: bytes) -> tuple[str | None, tuple[np.ndarray, ...]] | None:
+        """(the batch's device_id, (ts, values, seq, ports)), or None where this is no plain batch."""
+        if not self.enabled:
+            return None
+        try:
+            batch = self.decoder.decode(payload)
+        except msgspec.DecodeError:
+            return None
+        items = batch.readings
+        n = len(items)
+        ts = np.fromiter(map(attrgetter("ts"), items), np.float64, n)
+        values = np.empty((n, len(self.fields)))
+        for j, getter in enumerate(self.getters):  # None → NaN, booleans → 0.0/1.0
+            values[:, j] = np.fromiter(map(getter, items), np.float64, n)
+        try:
+            seq = np.fromiter(map(attrgetter("seq"), items), np.int64, n)
+        except TypeError:
+            seq = np.array([-1 if v is None else v for v in map(attrgetter("seq"), items)], dtype=np.int64)
+        ports = (np.fromiter(map(attrgetter("port"), items), np.int64, n) if self.has_port
+                 else np.zeros(n, dtype=np.int64))
+        return batch.device_id, (ts, values, seq, ports)
+
+
 class _NonFinite(ValueError):
     pass
 
@@ -455,6 +516,8 @@ class Decoder:
         self.limiter = RateLimiter(config.ingest.device_rate_per_s, config.ingest.device_burst)
         self.fast = {kind: FastReading(model) for kind, model in READING_MODELS.items()}
         self.fast_columns = {kind: FastColumns(kind, fast) for kind, fast in self.fast.items()}
+        self.typed = {kind: TypedBatch(kind, fast, config.ingest.max_readings_per_message)
+                      for kind, fast in self.fast.items()}
         self.with_port = {kind for kind, model in READING_MODELS.items() if "port" in model.model_fields}
 
     def decode(self, messages: list[tuple[str, bytes]], now: float) -> Decoded:
@@ -505,6 +568,11 @@ class Decoder:
             letter.add(None, "oversized", f"{len(payload)} bytes is over the {self.limits.max_payload_bytes}-byte limit")
             out.deadletters.append(letter)
             return
+        if b'"readings"' in payload:  # tried as a plain batch before it is parsed to dicts
+            typed = self.typed[kind](payload)
+            if typed is not None and typed[0] in (None, device_id) and self._chunk(
+                    site, kind, device_id, typed[1], now, out):
+                return
         document = self._parse_json(payload, letter)
         if document is _UNPARSED:
             out.deadletters.append(letter)
@@ -576,8 +644,12 @@ class Decoder:
         """A batch whose readings are all plain, current and of known ports, as one column chunk; False
         (and nothing done) otherwise."""
         columns = self.fast_columns[kind](items)
-        if columns is None:
-            return False
+        return columns is not None and self._chunk(site, kind, device_id, columns, now, out)
+
+    def _chunk(self, site: str, kind: str, device_id: str, columns: tuple[np.ndarray, ...], now: float,
+               out: Decoded) -> bool:
+        """Checked columns that are current and of known ports, as one column chunk; False (and
+        nothing done) otherwise."""
         ts, values, seq, ports = columns
         if float(ts.max()) > now + self.limits.max_future_s:
             return False

@@ -116,7 +116,7 @@ _ANY_VALUE = (_GOOD_VALUE | st.booleans() | st.none() | st.text(max_size=3) | st
 @st.composite
 def _batch(draw, kind: str):
     fields = {"smoke": ["alarm", "smoke_obscuration_pct_m", "temp_c", "battery_pct", "tamper"],
-              "ev_charger": ["port", "power_w", "current_a", "socket_temp_c"]}[kind]
+              "ev_charger": ["port", "power_w", "current_a", "socket_temp_c", "energy_wh"]}[kind]
     messy = draw(st.booleans())  # half the batches plain (the columnar path), half with anything in them
     # the usual batch has the same fields in every reading (transposed at once); others vary
     same = {name: draw(st.booleans()) for name in ["seq", *fields]} if draw(st.booleans()) else None
@@ -141,8 +141,9 @@ def _batch(draw, kind: str):
     return items
 
 
-def _decoded(decoder, kind, device, items, columns_on):
+def _decoded(decoder, kind, device, items, columns_on, typed_on=None):
     decoder.fast_columns[kind].enabled = columns_on
+    decoder.typed[kind].enabled = columns_on if typed_on is None else typed_on
     topic = topics.telemetry("wangma", kind, device)
     out = decoder.decode([(topic, json.dumps({"readings": items}).encode())], NOW_S)
     readings = [(row, r.__dict__) for row, r in out.readings.get(kind, [])]
@@ -154,18 +155,20 @@ def _decoded(decoder, kind, device, items, columns_on):
 @settings(max_examples=300, deadline=None)
 @given(data=st.data(), kind=st.sampled_from(["smoke", "ev_charger"]))
 def test_a_batch_checked_by_columns_decodes_exactly_as_reading_by_reading(data, kind):
-    """The columnar path is a shortcut, never a different answer: same readings, same rows, same
-    values and types, same dead letters — or it steps aside."""
+    """The columnar paths (decoded typed from the bytes, or checked column by column after orjson)
+    are shortcuts, never a different answer: same readings, same rows, same values and types, same
+    dead letters — or they step aside."""
     items = data.draw(_batch(kind))
     device = {"smoke": "smk-wangma-001", "ev_charger": "evc-wangma-01"}[kind]
     decoder = pipeline(STREET).decoder
-    fast, letters, took_columns = _decoded(decoder, kind, device, items, True)
     slow, slow_letters, _ = _decoded(decoder, kind, device, items, False)
-    event(f"columnar path taken: {took_columns}")
-    assert fast == slow
-    assert letters == slow_letters
-    if took_columns:
-        assert not letters
+    for typed in (True, False):
+        fast, letters, took_columns = _decoded(decoder, kind, device, items, not typed, typed)
+        event(f"{'typed' if typed else 'columnar'} path taken: {took_columns}")
+        assert fast == slow
+        assert letters == slow_letters
+        if took_columns:
+            assert not letters
 
 
 def test_a_plain_batch_takes_the_columnar_path_and_a_bad_reading_keeps_the_rest():
