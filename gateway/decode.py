@@ -277,19 +277,12 @@ class ReadingColumns:
     def __len__(self) -> int:
         return int(self.ts.shape[0])
 
-    def recent(self, kept: np.ndarray, depth: int) -> list[tuple[Any, ...]]:
-        """The last ``depth`` kept readings as the dashboard keeps them: (ts, port, *values in FIELDS
-        order, None where absent, booleans as booleans), straight from the columns."""
+    def recent(self, kept: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The last ``depth`` kept readings as the dashboard keeps a batch's: a block of columns (ts,
+        ports, values), three small arrays that the garbage collector never walks; :func:`recent_rows`
+        makes reading tuples of it when someone asks."""
         index = np.flatnonzero(kept)[-depth:]
-        numbers = self.values[index]
-        shown = numbers.astype(object)  # Python floats, then None and booleans where they belong
-        missing = np.isnan(numbers)
-        for j, name in enumerate(READING_MODELS[self.kind].FIELDS):
-            if name in FastColumns.booleans[self.kind]:
-                shown[:, j] = numbers[:, j] != 0
-        shown[missing] = None
-        return [(ts, port, *values) for ts, port, values in
-                zip(self.ts[index].tolist(), self.ports[index].tolist(), shown.tolist())]
+        return self.ts[index], self.ports[index], self.values[index]
 
     def reading(self, i: int) -> Reading:
         """Reading ``i`` as the model instance the per-reading path would have made (for storage, the
@@ -306,6 +299,19 @@ class ReadingColumns:
             if value == value:  # not NaN
                 values[name] = bool(value) if name in booleans else value
         return FastColumns.builders[self.kind].build(values, {n for n, v in values.items() if v is not None})
+
+
+def recent_rows(kind: str, block: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[tuple[Any, ...]]:
+    """A block of :meth:`ReadingColumns.recent` as the dashboard's reading tuples: (ts, port, *values
+    in FIELDS order, None where absent, booleans as booleans)."""
+    ts, ports, numbers = block
+    shown = numbers.astype(object)  # Python floats, then None and booleans where they belong
+    missing = np.isnan(numbers)
+    for j, name in enumerate(READING_MODELS[kind].FIELDS):
+        if name in FastColumns.booleans[kind]:
+            shown[:, j] = numbers[:, j] != 0
+    shown[missing] = None
+    return [(t, port, *values) for t, port, values in zip(ts.tolist(), ports.tolist(), shown.tolist())]
 
 
 class FastColumns:

@@ -148,3 +148,35 @@ def test_alert_stream_sends_each_alert_as_it_happens(api, mqtt):
                 break
         assert data is not None and data["device_id"] == "smk-wangma-015"
         assert time.time() - sent < 1.0
+
+
+def test_a_batch_fills_a_devices_chart_and_single_readings_carry_on_from_it(api, mqtt):
+    """A batch that fills the chart by itself is kept as columns (gateway/service.py, _remember): the
+    readings endpoint and the device list read it like any other, and later readings follow it."""
+    from gateway.service import RECENT_READINGS
+    start = time.time() - 600
+    batch = [{"ts": start + i, "seq": i, "laeq_db": 40.0 + i % 10, **({"lmax_db": 70.0} if i % 2 else {})}
+             for i in range(RECENT_READINGS + 10)]
+    client = mqtt()
+    client.publish(topics.telemetry("dongxin", "noise", "noise-06"), {"readings": batch})
+
+    def chart(expected_last_ts: float) -> list[dict]:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            readings = api("GET", "/api/devices/noise-06/readings?limit=1000").json()["readings"]
+            if readings and readings[-1]["ts"] == expected_last_ts:
+                return readings
+            time.sleep(0.1)
+        raise AssertionError(f"the chart never reached ts {expected_last_ts}: it ends {readings[-2:]}")
+
+    readings = chart(batch[-1]["ts"])
+    assert readings == [{"ts": r["ts"], **{k: v for k, v in r.items() if k in ("laeq_db", "lmax_db")}}
+                        for r in batch[-RECENT_READINGS:]]
+    assert [r["ts"] for r in api("GET", "/api/devices/noise-06/readings?limit=3").json()["readings"]] == [
+        r["ts"] for r in batch[-3:]]
+    client.publish(topics.telemetry("dongxin", "noise", "noise-06"), {"ts": start + 500, "laeq_db": 55.5})
+    readings = chart(start + 500)
+    assert len(readings) == RECENT_READINGS and readings[-1] == {"ts": start + 500, "laeq_db": 55.5}
+    assert readings[-2]["ts"] == batch[-1]["ts"] and readings[0]["ts"] == batch[-RECENT_READINGS + 1]["ts"]
+    noise = {d["id"]: d for d in api("GET", "/api/devices?kind=noise").json()}
+    assert noise["noise-06"]["last_reading"] == {"ts": start + 500, "laeq_db": 55.5}

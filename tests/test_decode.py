@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from gateway import topics
 from gateway.config import load_config
+from gateway.decode import recent_rows
 from gateway.pipeline import Pipeline
 from gateway.registry import Registry
 from tests.conftest import ROOT
@@ -197,10 +198,11 @@ def test_the_dashboard_gets_a_batchs_last_readings_straight_from_its_columns():
     kept[11] = False
     expected = [(r.ts, 0, *(r.__dict__[name] for name in FIELDS["smoke"]))
                 for r in (chunk.reading(i) for i in range(7, 11))]
-    recent = chunk.recent(kept, 4)
+    block = chunk.recent(kept, 4)
+    recent = recent_rows("smoke", block)
     assert recent == expected and recent[-2][2] is True and type(recent[0][4]) is float
     assert expected[-2][2] is True and expected[-1][2 + FIELDS["smoke"].index("co_ppm")] is None
-    # flat tuples of atoms: the collector stops tracking them at its first look (nested ones stayed
-    # tracked and made every full collection walk the dashboard's half a million readings)
+    # flat tuples of atoms, and a block of arrays: the collector stops tracking them at its first look
+    # (nested tuples stayed tracked and made every full collection walk the dashboard's half a million)
     gc.collect(0)
-    assert not any(gc.is_tracked(entry) for entry in recent)
+    assert not any(gc.is_tracked(entry) for entry in [*recent, block])
