@@ -458,9 +458,14 @@ class TypedBatch:
         """(the batch's device_id, (ts, values, seq, ports)), or None where this is no plain batch."""
         if not self.enabled:
             return None
+        if not payload.isascii():
+            try:  # msgspec does not check the encoding of what it skips (other keys of the batch)
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
         try:
             batch = self.decoder.decode(payload)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # deep nesting in a skipped key: the JSON path decides
             return None
         items = batch.readings
         n = len(items)

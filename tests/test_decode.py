@@ -206,3 +206,18 @@ def test_the_dashboard_gets_a_batchs_last_readings_straight_from_its_columns():
     # (nested tuples stayed tracked and made every full collection walk the dashboard's half a million)
     gc.collect(0)
     assert not any(gc.is_tracked(entry) for entry in [*recent, block])
+
+
+def test_what_the_typed_batch_path_skips_is_still_judged_as_the_json_path_judges_it():
+    """msgspec skips the keys a batch does not use without checking their encoding, and recurses
+    into their nesting: bad UTF-8 there is still a bad_encoding, deep nesting still the JSON path's
+    answer (found in review: the first was accepted, the second an internal_error)."""
+    decoder = pipeline(STREET).decoder
+    topic = topics.telemetry("wangma", "smoke", "smk-wangma-001")
+    readings = b",".join(b'{"ts":%.1f,"temp_c":21.5}' % (NOW_S - 50 + i) for i in range(10))
+    for extra, reason in ((b'"x":"\xff\xfe"', "bad_encoding"), (b'"meta":{"fw":"\xc3\x28"}', "bad_encoding"),
+                          (b'"x":' + b"[" * 990 + b"]" * 990, None)):
+        out = decoder.decode([(topic, b'{' + extra + b',"readings":[' + readings + b"]}")], NOW_S)
+        assert [letter.reason for letter in out.deadletters] == ([reason] if reason else [])
+        assert sum(len(chunk) for chunk in out.columns.get("smoke", [])) + len(out.readings.get("smoke", [])) == (
+            0 if reason else 10)
