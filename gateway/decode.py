@@ -317,8 +317,9 @@ def recent_rows(kind: str, block: tuple[np.ndarray, np.ndarray, np.ndarray]) -> 
     ts, ports, numbers = block
     shown = numbers.astype(object)  # Python floats, then None and booleans where they belong
     missing = np.isnan(numbers)
+    flags = booleans(kind)
     for j, name in enumerate(READING_MODELS[kind].FIELDS):
-        if name in booleans(kind):
+        if name in flags:
             shown[:, j] = numbers[:, j] != 0
     shown[missing] = None
     return [(t, port, *values) for t, port, values in zip(ts.tolist(), ports.tolist(), shown.tolist())]
@@ -561,7 +562,7 @@ class Decoder:
         ts, values, seq, ports = columns
         if float(ts.max()) > now + self.limits.max_future_s:
             return False
-        if self.typed[kind].has_port:
+        if kind in self.with_port:
             distinct = np.unique(ports)
             found = [self.registry.row(kind, device_id, port) for port in distinct.tolist()]
             if None in found:

@@ -96,6 +96,12 @@ def _is_block(buffer: list[tuple[Any, ...]]) -> bool:
     return bool(buffer) and type(buffer[0][0]) is np.ndarray
 
 
+def _unblock(kind: str, buffer: list[tuple[Any, ...]]) -> None:
+    """A device's recent readings as reading tuples, in place, before more are added to them."""
+    if _is_block(buffer):
+        buffer[:] = recent_rows(kind, buffer[0])  # type: ignore[arg-type]
+
+
 def recent_readings_depth(series: int) -> int:
     """Readings kept per device for the dashboard: RECENT_READINGS, or fewer for a registry so large
     that they would not fit RECENT_READINGS_BUDGET."""
@@ -477,8 +483,7 @@ class Gateway:
             buffer = buffers.get(device_id)
             if buffer is None:
                 buffer = buffers[device_id] = []
-            elif _is_block(buffer):
-                buffer[:] = recent_rows(kind, buffer[0])
+            _unblock(kind, buffer)
             values = reading.__dict__  # the fields as validated; getattr on a pydantic model is slow for absent names
             buffer.append((values["ts"], values.get("port") or 0, *[values[name] for name in FIELDS[kind]]))
             if len(buffer) > depth:
@@ -491,8 +496,7 @@ class Gateway:
             if block[0].shape[0] == depth:
                 buffer[:] = [block]
                 continue
-            if _is_block(buffer):
-                buffer[:] = recent_rows(chunk.kind, buffer[0])
+            _unblock(chunk.kind, buffer)
             buffer.extend(recent_rows(chunk.kind, block))
             del buffer[:-depth]
 
