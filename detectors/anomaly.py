@@ -24,6 +24,18 @@ The parts, and why each is there:
   period ago, combined with the plain view by geometric mean, so a pattern that repeats every day
   (a load peak, a nightly lull) stops being surprising while a spike on a seasonal series is still
   seen by both.
+* **Contextual novelty** (``levels``, ``context``, ``context_weight``): each reading becomes one of
+  ``levels`` symbols by where it falls in the series' range so far, and its *context* is its symbol
+  with the ``context - 1`` before it (4^4 = 256 contexts, a 32-byte bitset per series). A context
+  the series has never produced is a pattern it has not shown before, even when every value in it is
+  ordinary: a daily peak that comes twice, a rhythm that breaks, a wave cut short, which no
+  prediction error sees. How surprising a new context is depends on how often this series produces
+  new ones: −ln of the Krichevsky–Trofimov estimate (new contexts so far + ½) / (contexts so far + 1),
+  beyond ln 2. A cumulative estimate, not an EW rate: on noise, new contexts thin out like 1/n and
+  so does the estimate, so a rare run of noise scores as rare as it is (an EW rate collapses
+  exponentially between new contexts, and the next one then looks like a miracle; on 20,000 Gaussian
+  readings that took the highest score from 0.56 to 0.85). Idea from the contextual detectors on NAB
+  (CAD OSE), written here as one ``np.unique`` per block, so it stays vectorised along time.
 * **A learned threshold on the score's own distribution**: each feature (log1p-compressed) is
   standardised by its own long EW mean and spread (``calibration``, ~2,000 readings) and turned into a
   surprise, −ln of the Gaussian tail probability. A series that is spiky by nature learns that its
@@ -86,6 +98,11 @@ class Ewm:
         """Weight the filter has given real readings after ``n`` of them (1 − (1 − alpha)^n)."""
         return np.maximum(1.0 - self.keep ** n, 1e-300)
 
+    def seen_around(self, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`seen` after and before each of a block's readings (``n`` after each, rising by 1)."""
+        both = self.seen(np.concatenate([n[:, :1] - 1, n], axis=1))
+        return both[:, 1:], both[:, :-1]
+
     def run(self, u: np.ndarray, last: np.ndarray, seen_after: np.ndarray,
             seen_before: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(mean after each reading, mean before it, raw filter state to keep).
@@ -110,15 +127,28 @@ class Anomaly:
 
     def __init__(self, n_series: int, warmup: int = 100, period: int = 0, medium: float = 0.05,
                  short: float = 0.1, long: float = 0.01, calibration: float = 0.0005, decay: float = 0.01,
-                 echo: float = 0.1, band: float = 0.06):
+                 echo: float = 0.1, band: float = 0.06, levels: int = 4, context: int = 4,
+                 context_weight: float = 2.5):
         self.warmup, self.period, self.decay, self.echo = warmup, period, decay, echo
+        self.levels, self.context, self.context_weight = levels, context, context_weight
+        self.contexts = levels ** context
+        if self.contexts % 8 or context < 2:
+            raise ValueError("levels ** context must be a multiple of 8 (a bitset of whole bytes), context ≥ 2")
         self.band = max(1, int(round(period * band))) if period else 0  # readings each side of "a period ago"
         self.medium, self.short, self.long, self.calibration = (Ewm(medium), Ewm(short), Ewm(long),
                                                                 Ewm(calibration))
         self.short_share = short / (2.0 - short)  # variance of a short EW mean of white noise, per unit
         self.views = ("plain", "seasonal") if period else ("plain",)
         self.arrays: dict[str, np.ndarray] = {"count": np.zeros(n_series, dtype=np.int64),
-                                              "origin": np.zeros(n_series), "peak": np.zeros(n_series)}
+                                              "origin": np.zeros(n_series), "peak": np.zeros(n_series),
+                                              # contextual novelty: the range so far, the last context − 1
+                                              # symbols (as one code), readings and new contexts counted,
+                                              # and which contexts were seen (a bitset)
+                                              "ctx.lo": np.zeros(n_series), "ctx.hi": np.zeros(n_series),
+                                              "ctx.recent": np.zeros(n_series, dtype=np.int64),
+                                              "ctx.count": np.zeros(n_series, dtype=np.int64),
+                                              "ctx.novel": np.zeros(n_series, dtype=np.int64),
+                                              "ctx.seen": np.zeros((n_series, self.contexts // 8), dtype=np.uint8)}
         for view in self.views:
             for name in VIEW_STATE:
                 self.arrays[f"{view}.{name}"] = np.zeros(n_series)
@@ -149,13 +179,16 @@ class Anomaly:
         state["origin"][rows[new]] = values[new, 0]  # centred on its first reading: no cancellation at 1e8
         x = values - state["origin"][rows][:, None]
         n = seen[:, None] + 1 + np.arange(width)[None, :]  # readings seen after each one
-        surprise = self._view(rows, x, n, "plain")
+        seen_by = {f: f.seen_around(n) for f in (self.medium, self.short, self.long, self.calibration)}
+        surprise = self._view(rows, x, n, seen_by, "plain")
         if self.period:
             joined = np.concatenate([state["lag"][rows], x], axis=1)
             state["lag"][rows] = joined[:, -self.period:]
-            seasonal = self._view(rows, x - joined[:, :width], n, "seasonal")
+            seasonal = self._view(rows, x - joined[:, :width], n, seen_by, "seasonal")
             # until a period and a warm-up have passed, the seasonal view compares with nothing
             surprise = np.where(n > self.period + self.warmup, np.sqrt(surprise * seasonal), surprise)
+        if self.context_weight:
+            surprise = surprise + self.context_weight * self._novel_context(rows, x)
         surprise = np.where(n > self.warmup, surprise, 0.0)
         recurring = self._recurring(rows, surprise) if self.period else 0.0
         # decaying peak P ← max(s, P − decay), as a running maximum of s + decay·t
@@ -169,6 +202,54 @@ class Anomaly:
                    + self.echo * np.maximum(surprise - recurring, 0.0))
         return novelty / (novelty + HALF_SCORE_NATS)
 
+    def _novel_context(self, rows: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Surprise (nats) of each reading whose context (its symbol and those before it) is new."""
+        state, levels, context = self.arrays, self.levels, self.context
+        m, width = x.shape
+        count = state["ctx.count"][rows]
+        fresh = count == 0  # its range starts at its first reading
+        state["ctx.lo"][rows[fresh]] = x[fresh, 0]
+        state["ctx.hi"][rows[fresh]] = x[fresh, 0]
+        lo, hi = state["ctx.lo"][rows][:, None], state["ctx.hi"][rows][:, None]  # the range before each reading
+        if width > 1:
+            lo = np.minimum.accumulate(np.concatenate([lo, x[:, :-1]], axis=1), axis=1)
+            hi = np.maximum.accumulate(np.concatenate([hi, x[:, :-1]], axis=1), axis=1)
+        state["ctx.lo"][rows] = np.minimum(lo[:, -1], x[:, -1])
+        state["ctx.hi"][rows] = np.maximum(hi[:, -1], x[:, -1])
+        span = hi - lo
+        share = np.divide(x - lo, span, out=np.zeros_like(x), where=span > 0)
+        symbol = np.clip(np.floor(levels * share), 0, levels - 1).astype(np.int64)
+        # a context's code: its symbols, oldest first, as the digits of a number in base ``levels``
+        recent = state["ctx.recent"][rows][:, None]  # the code of the context − 1 symbols before
+        if width == 1:
+            code = recent * levels + symbol
+        else:
+            place = levels ** np.arange(context - 2, -1, -1)
+            joined = np.concatenate([recent // place % levels, symbol], axis=1)
+            code = sum(joined[:, k:k + width] * levels ** (context - 1 - k) for k in range(context))
+        state["ctx.recent"][rows] = code[:, -1] % levels ** (context - 1)
+        c = count[:, None] + 1 + np.arange(width)[None, :]  # readings the feature has seen after each
+        state["ctx.count"][rows] = count + width
+        whole = c > context  # a full context of readings after the first (which has no range yet)
+        seen = state["ctx.seen"]
+        row_of = np.broadcast_to(rows[:, None], code.shape)
+        novel = whole & ((seen[row_of, code >> 3] >> (code & 7).astype(np.uint8)) & 1 == 0)
+        if width > 1:  # only the first of a context's repeats within the block is new
+            flat = (np.arange(m)[:, None] * self.contexts + code)[novel]
+            _, first = np.unique(flat, return_index=True)
+            where = np.flatnonzero(novel.ravel())
+            novel = np.zeros(novel.size, dtype=bool)
+            novel[where[first]] = True
+            novel = novel.reshape(code.shape)
+        np.bitwise_or.at(seen, (row_of[novel], code[novel] >> 3), (1 << (code[novel] & 7)).astype(np.uint8))
+        novel_before = state["ctx.novel"][rows][:, None]
+        if width > 1:
+            novel_before = novel_before + np.cumsum(novel, axis=1) - novel
+        state["ctx.novel"][rows] += novel.sum(axis=1)
+        judged_before = np.maximum(c - 1 - context, 0)
+        rate = (novel_before + 0.5) / (judged_before + 1.0)  # Krichevsky–Trofimov: chance of a new one
+        return np.where(novel, np.maximum(-np.log(rate) - LN_2, 0.0), 0.0)
+
     def _recurring(self, rows: np.ndarray, surprise: np.ndarray) -> np.ndarray:
         """For each reading, the largest surprise within ``band`` readings of one period before it."""
         width, band = surprise.shape[1], self.band
@@ -177,10 +258,10 @@ class Anomaly:
         # reading t of the block sits at period + band + t of ``joined``; t − period ± band at t … t + 2·band
         return sliding_window_view(joined, 2 * band + 1, axis=1)[:, :width].max(axis=2)
 
-    def _view(self, rows: np.ndarray, x: np.ndarray, n: np.ndarray, view: str) -> np.ndarray:
+    def _view(self, rows: np.ndarray, x: np.ndarray, n: np.ndarray,
+              seen: dict[Ewm, tuple[np.ndarray, np.ndarray]], view: str) -> np.ndarray:
         """Surprise (nats) of each reading of one view: its spike, volatility and shift evidence added up."""
         state = self.arrays
-        seen = {f: (f.seen(n), f.seen(n - 1)) for f in (self.medium, self.short, self.long, self.calibration)}
 
         def ewm(f: Ewm, name: str, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             after, before, last = f.run(u, state[f"{view}.{name}"][rows], *seen[f])

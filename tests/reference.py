@@ -52,8 +52,14 @@ class PlainAnomaly:
     """The anomaly score of detectors/anomaly.py (without its seasonal view), reading by reading."""
 
     def __init__(self, warmup: int, medium: float = 0.05, short: float = 0.1, long: float = 0.01,
-                 calibration: float = 0.0005, decay: float = 0.01, echo: float = 0.1):
+                 calibration: float = 0.0005, decay: float = 0.01, echo: float = 0.1, levels: int = 4,
+                 context: int = 4, context_weight: float = 2.5):
         self.warmup, self.decay, self.echo = warmup, decay, echo
+        self.levels, self.context, self.context_weight = levels, context, context_weight
+        self.symbols: list[int] = []  # every symbol so far (the last ``context`` make a context)
+        self.contexts: set[tuple[int, ...]] = set()
+        self.lo = self.hi = 0.0
+        self.novel = 0
         self.mean, self.spread = PlainEwm(medium), PlainEwm(medium)
         self.short_var, self.long_var = PlainEwm(short), PlainEwm(long)
         self.level, self.level_var = PlainEwm(long), PlainEwm(long)
@@ -88,11 +94,31 @@ class PlainAnomaly:
             _, mean = g_mean.step(g, n)
             _, var = g_var.step((g - mean) ** 2, n)
             surprise += max(-float(log_ndtr(-(g - mean) / math.sqrt(max(var, 0.04)))) - math.log(2.0), 0.0)
+        surprise += self.context_weight * self.novel_context(x, n)
         surprise = surprise if n > self.warmup else 0.0
         peak_before = max(self.peak - self.decay, 0.0)
         self.peak = max(peak_before, surprise)
         novelty = max(surprise - peak_before, 0.0) + self.echo * surprise
         return novelty / (novelty + 10.0)
+
+
+    def novel_context(self, x: float, n: int) -> float:
+        if n == 1:
+            self.lo = self.hi = x
+        span = self.hi - self.lo
+        share = (x - self.lo) / span if span > 0 else 0.0
+        self.symbols.append(min(max(math.floor(self.levels * share), 0), self.levels - 1))
+        self.lo, self.hi = min(self.lo, x), max(self.hi, x)
+        if n <= self.context:  # the first reading has no range: contexts of the readings after it
+            return 0.0
+        context = tuple(self.symbols[-self.context:])
+        judged_before = n - 1 - self.context
+        rate = (self.novel + 0.5) / (judged_before + 1.0)
+        if context in self.contexts:
+            return 0.0
+        self.contexts.add(context)
+        self.novel += 1
+        return max(-math.log(rate) - math.log(2.0), 0.0)
 
 
 class Transform:

@@ -17,6 +17,7 @@ from gateway.schemas import READING_MODELS
 from rules.engine import ColumnBatch, KindEngine
 from rules.model import KindProfile
 from tests.conftest import ROOT
+from tests.reference import PlainAnomaly
 from tests.test_rules import Series
 
 STREET = load_config(ROOT / "config.yaml", env={})
@@ -48,7 +49,8 @@ def test_state_is_a_fixed_set_of_arrays_whatever_the_number_of_readings():
 
     assert state_bytes(10) == state_bytes(20000)
     plain = Anomaly(1)
-    assert sum(a.nbytes for a in plain.state().values()) <= 128  # per series, without a seasonal view
+    # per series, without a seasonal view: 16 numbers, 5 for the contexts and their 32-byte bitset
+    assert sum(a.nbytes for a in plain.state().values()) <= 200
 
 
 def test_scores_stay_within_0_and_1_on_hostile_series():
@@ -64,6 +66,34 @@ def test_stationary_noise_scores_low_after_the_warm_up_and_zero_during_it():
     result = scores(noise(3000, seed=5), warmup=100)
     assert np.all(result[:100] == 0.0)
     assert result[100:].max() < 0.5  # the most unusual of 2,900 Gaussian readings (≈ 3.5 σ) stays under 0.5
+
+
+def test_new_contexts_on_long_noise_are_judged_by_how_rarely_noise_makes_them():
+    # On noise, new contexts (runs of rare levels) thin out like 1/n; a rate that forgot them between
+    # occurrences (an EW rate) judged the next one a miracle and took this to 0.80-0.85
+    rng = np.random.default_rng(100)
+    for _ in range(2):
+        assert scores(150 + rng.normal(0, 3, 20000)).max() < 0.6
+
+
+def test_a_rhythm_that_breaks_with_every_value_ordinary_is_found_by_its_new_contexts():
+    rng = np.random.default_rng(3)
+    t = np.arange(3000)
+    wave = 50 + 10 * np.sin(2 * np.pi * t / 40) + rng.normal(0, 0.5, t.size)  # a cycle of 40 readings
+    wave[2500:2540] = 50 + 10 * np.sin(2 * np.pi * t[2500:2540] / 20) + rng.normal(0, 0.5, 40)  # twice as fast
+    found, blind = scores(wave), scores(wave, context_weight=0.0)
+    assert int(np.argmax(found)) in range(2500, 2510) and found.max() > 0.45
+    # no value and no prediction error in it is unusual: without contexts it is lost in the noise
+    assert blind[2500:2540].max() < blind[100:2500].max()
+
+
+def test_the_plain_reference_scores_as_the_vectorised_detector():
+    rng = np.random.default_rng(15)
+    wave = 50 + 10 * np.sin(np.arange(1500) * 2 * np.pi / 30) + rng.normal(0, 1, 1500)
+    wave[1200:1230] = 50 + rng.normal(0, 1, 30)
+    for series in (wave, noise(1500, seed=16), np.repeat([0.0, 5.0, 0.0, 7.0], 375)):
+        plain = PlainAnomaly(100)
+        np.testing.assert_allclose([plain.step(v) for v in series], scores(series), rtol=0, atol=1e-9)
 
 
 def test_an_injected_spike_scores_highest_and_high():
@@ -182,6 +212,17 @@ def test_nab_bench_writes_one_result_row_per_input_row_in_nab_layout(tmp_path):
         assert result[0] == ["timestamp", "value", "anomaly_score"]
         assert [r[:2] for r in result[1:]] == rows
         assert all(0.0 <= float(r[2]) <= 1.0 for r in result[1:])
+
+
+def test_the_quiet_street_bench_counts_the_alerts_a_rule_raises_on_the_simulated_street():
+    from bench.anomaly_quiet import alerts, quiet_readings
+
+    series, rows, ts, values = quiet_readings("noise", "laeq_db", days=0.5, seed=11)
+    assert len(series.device_ids) == 14 and values.shape[0] == 14 * 720 and np.all(np.diff(ts) >= 0)
+    assert alerts("noise", "laeq_anomaly", 0.7, series, rows, ts, values) == 0
+    late = (rows == 3) & (ts > ts[-1] - 3 * 3600)
+    values[np.flatnonzero(late)[0]] += 40  # one point hears something it never has, three hours before the end
+    assert alerts("noise", "laeq_anomaly", 0.7, series, rows, ts, values) == 1
 
 
 # -- rules ------------------------------------------------------------------------------------------
