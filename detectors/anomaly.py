@@ -23,7 +23,9 @@ The parts, and why each is there:
 * **Seasonal view** (``period`` readings, 0 = off): the same two features on the difference from one
   period ago, combined with the plain view by geometric mean, so a pattern that repeats every day
   (a load peak, a nightly lull) stops being surprising while a spike on a seasonal series is still
-  seen by both.
+  seen by both. The seasonal view also counts alone, at ``seasonal_alone`` (0.6) of its surprise: a
+  day that lacks its usual peak holds only ordinary values (the plain view sees nothing, and a
+  geometric mean with nothing is nothing), yet it is unlike the day before.
 * **Contextual novelty** (``levels``, ``context``, ``context_weight``): each reading becomes one of
   ``levels`` symbols by where it falls in the series' range so far, and its *context* is its symbol
   with the ``context - 1`` before it (4^4 = 256 contexts, a 32-byte bitset per series). A context
@@ -128,9 +130,10 @@ class Anomaly:
     def __init__(self, n_series: int, warmup: int = 100, period: int = 0, medium: float = 0.05,
                  short: float = 0.1, long: float = 0.01, calibration: float = 0.0005, decay: float = 0.01,
                  echo: float = 0.1, band: float = 0.06, levels: int = 4, context: int = 4,
-                 context_weight: float = 2.5):
+                 context_weight: float = 2.5, seasonal_alone: float = 0.6):
         self.warmup, self.period, self.decay, self.echo = warmup, period, decay, echo
         self.levels, self.context, self.context_weight = levels, context, context_weight
+        self.seasonal_alone = seasonal_alone
         self.contexts = levels ** context
         if self.contexts % 8 or context < 2:
             raise ValueError("levels ** context must be a multiple of 8 (a bitset of whole bytes), context ≥ 2")
@@ -186,7 +189,8 @@ class Anomaly:
             state["lag"][rows] = joined[:, -self.period:]
             seasonal = self._view(rows, x - joined[:, :width], n, seen_by, "seasonal")
             # until a period and a warm-up have passed, the seasonal view compares with nothing
-            surprise = np.where(n > self.period + self.warmup, np.sqrt(surprise * seasonal), surprise)
+            both = np.maximum(np.sqrt(surprise * seasonal), self.seasonal_alone * seasonal)
+            surprise = np.where(n > self.period + self.warmup, both, surprise)
         if self.context_weight:
             surprise = surprise + self.context_weight * self._novel_context(rows, x)
         surprise = np.where(n > self.warmup, surprise, 0.0)

@@ -138,6 +138,23 @@ def test_an_event_that_recurs_about_the_same_time_each_day_stops_being_news_but_
     assert with_new[15 * period + 56] > 0.4 and with_new[15 * period + 56] == with_new[15 * period:16 * period].max()
 
 
+def test_a_day_that_lacks_its_usual_peak_is_flagged_when_the_peak_should_have_come():
+    rng = np.random.default_rng(21)
+    period, days = 96, 20
+    load = 20 + rng.normal(0, 1, days * period)
+    for day in range(days):
+        if day != 15:  # a daily peak of 30 from 10:00 to 15:00, but not on day 15
+            load[day * period + 40:day * period + 60] += 30
+    missed = 15 * period + 40
+    result = scores(load, period=period)
+    assert int(np.argmax(result)) == missed and result[missed] > 0.6
+    assert result[16 * period:].max() < 0.1  # the peak coming back the next day is no news
+    # every value of the missing day is ordinary: with the plain and seasonal views only combined by
+    # geometric mean, the alarm came a day late, when the peak came back
+    late = scores(load, period=period, seasonal_alone=0.0)
+    assert int(np.argmax(late)) >= 16 * period and late[missed:missed + 20].max() < 0.5
+
+
 def test_many_series_in_one_block_score_as_each_does_alone():
     rng = np.random.default_rng(10)
     block = np.stack([noise(600, seed=s, level=10.0 ** s, sigma=1.0 + s) for s in range(5)])
