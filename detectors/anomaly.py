@@ -222,7 +222,8 @@ class Anomaly:
         state["ctx.hi"][rows] = np.maximum(hi[:, -1], x[:, -1])
         span = hi - lo
         share = np.divide(x - lo, span, out=np.zeros_like(x), where=span > 0)
-        symbol = np.clip(np.floor(levels * share), 0, levels - 1).astype(np.int64)
+        # (a range that overflowed to inf gives no place in it: such a reading is symbol 0)
+        symbol = np.nan_to_num(np.clip(np.floor(levels * share), 0, levels - 1)).astype(np.int64)
         # a context's code: its symbols, oldest first, as the digits of a number in base ``levels``
         recent = state["ctx.recent"][rows][:, None]  # the code of the context − 1 symbols before
         if width == 1:
