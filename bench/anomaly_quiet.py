@@ -1,7 +1,7 @@
 """The shipped anomaly-score rules (config.yaml) over the simulators' quiet-street device models, run
 offline through the rule engine: how many alerts each raises in days where nothing is wrong, at its
-shipped threshold and at lower ones, and the highest score it saw. This is how those thresholds were
-set; run it again after any change to detectors/anomaly.py.
+shipped threshold and at others. This is how those thresholds were set; run it again after any change
+to detectors/anomaly.py.
 
     .venv/bin/python -m bench.anomaly_quiet [--days 2] [--smoke-days 20] [--seed 11]
 
@@ -68,9 +68,9 @@ def quiet_readings(kind: str, field: str, days: float,
 
 
 def alerts(kind: str, rule_id: str, threshold: float, series: KindSeries, rows: np.ndarray, ts: np.ndarray,
-           values: np.ndarray) -> int:
-    """Alerts the rule raises at ``threshold``, fed hour by hour."""
-    shipped = load_config(ROOT / "config.yaml", env={}).kinds[kind]
+           values: np.ndarray, config: Any = None) -> int:
+    """Alerts the rule raises at ``threshold``, fed hour by hour (``config``: config.yaml's, loaded)."""
+    shipped = (config or load_config(ROOT / "config.yaml", env={})).kinds[kind]
     rule: dict[str, Any] = shipped.rules[rule_id].model_dump(by_alias=True, exclude_none=True)
     severity, _ = shipped.rules[rule_id].raise_.levels()[0]
     rule["raise"] = {severity.name.lower(): {"threshold": threshold}}
@@ -109,7 +109,7 @@ def main() -> None:
             days = args.smoke_days if kind == "smoke" else args.days
             series, rows, ts, values = quiet_readings(kind, rule.field, days, args.seed)
             shipped = min(condition.threshold for _, condition in rule.raise_.levels())
-            counts = [alerts(kind, rule_id, x, series, rows, ts, values) for x in thresholds]
+            counts = [alerts(kind, rule_id, x, series, rows, ts, values, config) for x in thresholds]
             table.add_row(f"{kind}.{rule_id} ({days:g} days)", f"{len(series.device_ids):,}", f"{ts.shape[0]:,}",
                           f"{shipped:g}", *(str(c) for c in counts))
     Console(width=150).print(table)
