@@ -1,4 +1,4 @@
-"""The MQTT connections of the gateway: two receiving (:class:`Lanes`), one publishing.
+"""The two MQTT connections of the gateway.
 
 * :class:`Receiver` — the hot receive path: a lean MQTT 5 subscriber in its own I/O thread that reads
   many frames per ``recv`` (paho's per-packet machinery was half the gateway's CPU; paho itself is
@@ -7,9 +7,6 @@
   batches; each is acknowledged only after its batch was processed and its alerts were published,
   so a crash loses nothing: the broker redelivers what was not acknowledged. The broker sends at
   most ``receive_maximum`` unacknowledged messages, which bounds the buffer.
-* :class:`Lanes` — two receivers: smoke detectors' telemetry on one (client id ``…-smoke``, its own
-  session and window), everything else on the other, so a fire never waits at the broker behind a
-  window full of bulk telemetry.
 * :class:`Publisher` — aiomqtt on a connection of its own, so alerts never queue behind inbound
   telemetry. Publishes are QoS 1 and awaited until the broker acknowledges them.
 """
@@ -29,7 +26,6 @@ from typing import Any
 
 import aiomqtt
 
-from gateway import topics
 from gateway.config import BrokerAddress, BrokerConfig
 
 log = logging.getLogger("streetbrain.mqtt")
@@ -54,7 +50,6 @@ class Inbound:
     mid: int
     qos: int
     generation: int  # which connection it arrived on: acks are only valid on that one
-    lane: int = 0  # which of the gateway's receiving connections (:class:`Lanes`) it came by
 
 
 class BrokerRefused(ConnectionError):
@@ -108,10 +103,6 @@ def connect_packet(config: BrokerConfig) -> bytes:
     body = (string("MQTT") + b"\x05" + bytes((flags,)) + config.keepalive_s.to_bytes(2, "big")
             + varint(len(properties)) + properties + payload)
     return packet(0x10, body)
-
-
-def puback(mid: int) -> bytes:
-    return b"\x40\x02" + mid.to_bytes(2, "big")
 
 
 def subscribe_packet(filters: list[str], packet_id: int = 1) -> bytes:
@@ -174,14 +165,8 @@ class Receiver:
     """
 
     def __init__(self, config: BrokerConfig, address: BrokerAddress, filters: list[str],
-                 loop: asyncio.AbstractEventLoop, wake: asyncio.Event, lane: int = 0,
-                 handover: threading.Event | None = None):
+                 loop: asyncio.AbstractEventLoop, wake: asyncio.Event):
         self.config = config
-        self.lane = lane
-        # while set, smoke messages are another connection's: acknowledged here at once and left to it
-        self.handover = handover
-        self.handed_over = 0
-        self.live = threading.Event()  # connected and subscribed
         self.address = address
         self.filters = filters
         self.loop = loop
@@ -234,7 +219,6 @@ class Receiver:
                     log.warning("disconnected from broker url=%s reason=%s; reconnecting with backoff",
                                 self.address, exc or type(exc).__name__)
             finally:
-                self.live.clear()
                 self.connected.clear()
                 self._outgoing.clear()  # acks of this connection mean nothing on the next one
                 if sock is not None:
@@ -326,7 +310,11 @@ class Receiver:
         for first, data, start, end in frames:
             kind = first >> 4
             if kind == 3:
-                taken |= self._take(*parse_publish(first, data, start, end), generation)
+                topic, payload, mid, qos = parse_publish(first, data, start, end)
+                if not self._paused:
+                    (self.urgent if URGENT in topic else self.buffer).append(
+                        Inbound(topic, payload, mid, qos, generation))
+                    taken = True
             elif kind == 9:  # SUBACK: one reason code per filter, after the packet id and properties
                 self._on_suback(data[start + 3 + data[start + 2]:end])
             elif kind == 14:
@@ -340,26 +328,15 @@ class Receiver:
         if any(r >= 0x80 for r in reasons):
             log.error("subscription refused filters=%s reasons=%s", self.filters, [f"0x{r:02x}" for r in reasons])
             return
-        self.live.set()
         self.loop.call_soon_threadsafe(self.subscribed.set)
-
-    def _take(self, topic: str, payload: bytes, mid: int, qos: int, generation: int) -> bool:
-        """Queue one PUBLISH (smoke first), or acknowledge it at once when it is the smoke lane's."""
-        if self._paused:
-            return False
-        urgent = URGENT in topic
-        if urgent and self.handover is not None and self.handover.is_set() and topics.on_smoke_lane(topic):
-            if qos == 1:
-                self._outgoing.append(puback(mid))  # written by the I/O thread before it reads again
-            self.handed_over += 1
-            return False
-        (self.urgent if urgent else self.buffer).append(Inbound(topic, payload, mid, qos, generation, self.lane))
-        return True
 
     def _on_message(self, client: object, userdata: object, message: Any) -> None:
         """Queue one message (what the I/O thread does for each PUBLISH; tests drive it directly)."""
-        if self._take(message.topic, message.payload, message.mid, message.qos, self.generation):
-            self._signal()
+        if self._paused:
+            return
+        inbound = Inbound(message.topic, message.payload, message.mid, message.qos, self.generation)
+        (self.urgent if URGENT in inbound.topic else self.buffer).append(inbound)
+        self._signal()
 
     def _signal(self) -> None:
         if not self._signalled:
@@ -395,7 +372,7 @@ class Receiver:
         frames: dict[int, list[bytes]] = {}
         for message in messages:
             if message.qos == 1:
-                frames.setdefault(message.generation, []).append(puback(message.mid))
+                frames.setdefault(message.generation, []).append(b"\x40\x02" + message.mid.to_bytes(2, "big"))
         return [(generation, b"".join(acks), len(acks)) for generation, acks in frames.items()]
 
     def send_pubacks(self, pending: list[tuple[int, bytes, int]]) -> None:
@@ -410,73 +387,6 @@ class Receiver:
     def ack(self, messages: list[Inbound]) -> None:
         """PUBACK what was processed, on the connection it came from."""
         self.send_pubacks(self.pubacks(messages))
-
-
-class Lanes:
-    """The gateway's two receiving connections, used as one :class:`Receiver`.
-
-    Smoke detectors' telemetry and status come on a connection of their own (its own persistent session and its
-    own ``receive_maximum`` window at the broker), everything else on the other. With one connection,
-    an overloaded gateway's window was full of unacknowledged bulk telemetry (acknowledged at the next
-    snapshot) and a fire waited in the broker's queue behind it; the smoke lane's window never fills.
-    MQTT cannot subscribe to "everything but smoke", so the bulk connection gets smoke messages too:
-    while the smoke lane is connected and subscribed it acknowledges them at once and leaves them to
-    the lane (whose session holds its own copy); otherwise it processes them itself, so a lane that is
-    down delays nothing (a copy processed twice is dropped as a duplicate by its seq).
-    """
-
-    def __init__(self, config: BrokerConfig, address: BrokerAddress, filters: list[str],
-                 loop: asyncio.AbstractEventLoop, wake: asyncio.Event):
-        smoke = config.model_copy(update={"client_id": f"{config.client_id}-smoke"})
-        self.smoke = Receiver(smoke, address, topics.SMOKE_FILTERS, loop, wake, lane=0)
-        self.bulk = Receiver(config, address, filters, loop, wake, lane=1, handover=self.smoke.live)
-        self.lanes = (self.smoke, self.bulk)
-
-    def start(self) -> None:
-        for lane in self.lanes:
-            lane.start()
-
-    def pause(self) -> None:
-        for lane in self.lanes:
-            lane.pause()
-
-    def stop(self) -> None:
-        for lane in self.lanes:
-            lane.stop()
-
-    async def wait_subscribed(self) -> None:
-        """Until the bulk connection is subscribed. The smoke lane is a fast path, not a condition: a
-        broker that refuses it (its ACL, its client ids) leaves smoke to the bulk connection."""
-        await self.bulk.subscribed.wait()
-
-    @property
-    def connected(self) -> threading.Event:
-        """The bulk connection's: ready means everything is received (smoke by the bulk one if need be)."""
-        return self.bulk.connected
-
-    @property
-    def urgent_waiting(self) -> int:
-        return sum(len(lane.urgent) for lane in self.lanes)
-
-    @property
-    def handed_over(self) -> int:
-        return self.bulk.handed_over
-
-    def drain(self, limit: int) -> list[Inbound]:
-        out = self.smoke.drain(limit)
-        return out + self.bulk.drain(limit - len(out))
-
-    def __len__(self) -> int:
-        return len(self.smoke) + len(self.bulk)
-
-    def pubacks(self, messages: list[Inbound]) -> list[tuple[tuple[int, int], bytes, int]]:
-        """:meth:`Receiver.pubacks` for each lane, keyed by (lane, connection generation)."""
-        return [((lane.lane, generation), frames, n) for lane in self.lanes
-                for generation, frames, n in lane.pubacks([m for m in messages if m.lane == lane.lane])]
-
-    def send_pubacks(self, pending: list[tuple[tuple[int, int], bytes, int]]) -> None:
-        for lane in self.lanes:
-            lane.send_pubacks([(generation, frames, n) for (i, generation), frames, n in pending if i == lane.lane])
 
 
 class Publisher:

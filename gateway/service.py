@@ -22,7 +22,7 @@ from gateway import security, topics
 from gateway.broker import EmbeddedBroker, reachable
 from gateway.config import BrokerAddress, Config, parse_broker_url
 from gateway.metrics import Stats
-from gateway.mqtt import Lanes, Publisher
+from gateway.mqtt import Publisher, Receiver
 from gateway.decode import DeadLetter, recent_rows
 from gateway.incidents.queue import IncidentQueue
 from gateway.incidents.store import Database
@@ -118,7 +118,7 @@ class Gateway:
         self.registry = Registry.from_config(self.config)
         # accepted readings are kept: for the telemetry store and the dashboard's recent readings
         self.pipeline = Pipeline(self.config, self.registry, self.stats, keep_readings=True)
-        self.receiver: Lanes | None = None
+        self.receiver: Receiver | None = None
         # PUBACKs of messages processed, waiting for the snapshot that includes them: (connection, frames, count)
         self.unacked: list[tuple[int, bytes, int]] = []
         self.recent_alerts: deque[dict[str, Any]] = deque(maxlen=RECENT_ALERTS)
@@ -202,8 +202,8 @@ class Gateway:
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         publisher = Publisher(self.config.broker, self.address)
-        receiver = Lanes(self.config.broker, self.address, [topics.TELEMETRY_FILTER, topics.STATUS_FILTER],
-                         loop, wake)
+        receiver = Receiver(self.config.broker, self.address, [topics.TELEMETRY_FILTER, topics.STATUS_FILTER],
+                            loop, wake)
         self.receiver = receiver
         self._poke = asyncio.Event()
         api_task = await self._start_api()
@@ -214,12 +214,11 @@ class Gateway:
         log.info("gateway starting broker=%s devices=%d series=%s", self.address, len(self.registry.devices),
                  {k: len(s) for k, s in self.registry.series.items()})
         stopping = asyncio.create_task(stop.wait())
-        ready = asyncio.gather(receiver.wait_subscribed(), publisher.ready.wait())
+        ready = asyncio.gather(receiver.subscribed.wait(), publisher.ready.wait())
         await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
             self.started.set()
-            log.info("gateway ready: subscribed to %s and %s (smoke detectors on a lane of their own: %s)",
-                     topics.TELEMETRY_FILTER, topics.STATUS_FILTER, topics.SMOKE_FILTERS)
+            log.info("gateway ready: subscribed to %s and %s", topics.TELEMETRY_FILTER, topics.STATUS_FILTER)
         else:
             ready.cancel()
         ingest = asyncio.create_task(self._ingest(receiver, publisher, wake, stop), name="ingest")
@@ -257,14 +256,14 @@ class Gateway:
                 await asyncio.to_thread(self.telemetry.close)
             self._log_counters("gateway stopped")
 
-    async def _ingest(self, receiver: Lanes, publisher: Publisher, wake: asyncio.Event, stop: asyncio.Event) -> None:
+    async def _ingest(self, receiver: Receiver, publisher: Publisher, wake: asyncio.Event, stop: asyncio.Event) -> None:
         """One long-lived loop: wait for messages, take a batch, process it; no task per wake-up."""
         while not stop.is_set():
             await wake.wait()
             wake.clear()
             if stop.is_set():
                 return
-            if not receiver.urgent_waiting and len(receiver) < LINGER_BATCH:
+            if not receiver.urgent and len(receiver) < LINGER_BATCH:
                 # A batch costs about the same for 1 message as for 20 (numpy calls, a store round trip):
                 # at moderate rates let a few more arrive. A smoke detector's message never waits.
                 await asyncio.sleep(LINGER_S)
@@ -275,11 +274,11 @@ class Gateway:
                 self.stats.pipeline_errors += 1
                 log.exception("processing a batch failed; it will be delivered again")
 
-    async def _process(self, receiver: Lanes, publisher: Publisher, everything: bool = False) -> None:
+    async def _process(self, receiver: Receiver, publisher: Publisher, everything: bool = False) -> None:
         while True:
             batch = receiver.drain(self.config.ingest.batch_max)
             self.stats.ingest_queue_depth = len(receiver)
-            self.stats.ingest_urgent_depth = receiver.urgent_waiting
+            self.stats.ingest_urgent_depth = len(receiver.urgent)
             self.stats.ingest_unacked = sum(n for _, _, n in self.unacked)
             if not batch:
                 return
@@ -357,7 +356,7 @@ class Gateway:
         if out:
             await publisher.publish_many(out)
 
-    async def _commit(self, receiver: Lanes) -> None:
+    async def _commit(self, receiver: Receiver) -> None:
         """Snapshot the detector state, then acknowledge the readings it includes.
 
         Acknowledging a reading only once its effects are on disk is what makes a kill lose nothing:
@@ -376,7 +375,7 @@ class Gateway:
         del self.unacked[:covered]
         self.stats.ingest_unacked = sum(n for _, _, n in self.unacked)
 
-    async def _housekeeping(self, stop: asyncio.Event, publisher: Publisher, receiver: Lanes) -> None:
+    async def _housekeeping(self, stop: asyncio.Event, publisher: Publisher, receiver: Receiver) -> None:
         """On the gateway clock: staleness, SLA clocks, incident changes made elsewhere, snapshots."""
         detection, incidents = self.config.detection, self.config.incidents
         loop = asyncio.get_running_loop()

@@ -7,9 +7,6 @@ from typing import NamedTuple
 ROOT = "streetbrain"
 TELEMETRY_FILTER = f"{ROOT}/+/+/+/telemetry"
 STATUS_FILTER = f"{ROOT}/+/+/+/status"
-# the gateway's own lane for fires (gateway/mqtt.py Lanes): smoke detectors' telemetry and status, in order
-SMOKE_KIND = "smoke"
-SMOKE_FILTERS = [f"{ROOT}/+/{SMOKE_KIND}/+/telemetry", f"{ROOT}/+/{SMOKE_KIND}/+/status"]
 ALERTS_FILTER = f"{ROOT}/+/alerts/#"
 DEADLETTER_FILTER = f"{ROOT}/+/deadletter/#"
 
@@ -32,13 +29,6 @@ def parse_device_topic(topic: str) -> DeviceTopic | None:
     if not all(parts[1:4]):
         return None
     return DeviceTopic(parts[1], parts[2], parts[3], parts[4])
-
-
-def on_smoke_lane(topic: str) -> bool:
-    """Whether ``topic`` matches :data:`SMOKE_FILTERS` (a site may be called "smoke" too)."""
-    parts = topic.split("/")
-    return len(parts) == 5 and parts[0] == ROOT and parts[2] == SMOKE_KIND and parts[4] in ("telemetry", "status") \
-        and all(parts[1:4])
 
 
 def telemetry(site: str, kind: str, device_id: str) -> str:

@@ -48,10 +48,6 @@ def wait_for_incident(api, device: str) -> dict:
 def test_health_readiness_metrics_and_the_page_need_no_token(api):
     assert api("GET", "/healthz", token=None).json() == {"status": "ok"}
     assert api("GET", "/readyz", token=None).json()["ready"] is True
-    deadline = time.monotonic() + 10  # smoke detectors' own connection, subscribed beside the bulk one
-    while not api("GET", "/readyz", token=None).json()["smoke_lane"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert api("GET", "/readyz", token=None).json()["smoke_lane"] is True
     metrics = api("GET", "/metrics", token=None).text
     assert "streetbrain_messages_received_total" in metrics and "streetbrain_incidents_overdue" in metrics
     assert "streetbrain_ingest_lag_seconds" in metrics and "streetbrain_ingest_queue_depth" in metrics

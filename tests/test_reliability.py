@@ -132,18 +132,15 @@ def test_a_flooding_device_is_throttled_flagged_and_does_not_hold_up_a_fire_else
     assert accepted + dropped == 2000 and 50 <= accepted < 200
 
 
-class Message:
-    """What the receiver's I/O thread hands on for one QoS 1 PUBLISH (tests drive ``_on_message``)."""
-
-    def __init__(self, topic: str, mid: int):
-        self.topic, self.payload, self.mid, self.qos = topic, b"{}", mid, 1
-
-
 def test_smoke_messages_are_taken_before_bulk_telemetry_that_arrived_earlier():
     import asyncio
 
     from gateway.config import BrokerConfig, parse_broker_url
     from gateway.mqtt import Receiver
+
+    class Message:
+        def __init__(self, topic: str, mid: int):
+            self.topic, self.payload, self.mid, self.qos = topic, b"{}", mid, 1
 
     loop = asyncio.new_event_loop()
     receiver = Receiver(BrokerConfig(), parse_broker_url("mqtt://127.0.0.1:1"), [], loop, asyncio.Event())
@@ -153,57 +150,6 @@ def test_smoke_messages_are_taken_before_bulk_telemetry_that_arrived_earlier():
     first = receiver.drain(5000)
     assert first[0].topic.endswith("/smoke/smk-wangma-001/telemetry")
     assert len(first) == 5000 and len(receiver) == 1001
-    loop.close()
-
-
-def test_a_fire_is_not_held_in_the_broker_behind_a_full_window_of_unacknowledged_bulk(config, run_gateway, mqtt):
-    config.ingest.device_rate_per_s = 0
-    config.ingest.batch_max = 500
-    config.broker.receive_maximum = 500  # unacknowledged messages the broker sends a connection at once…
-    config.detection.snapshot_interval_s = 0.2  # …acknowledged when a snapshot holds them
-    run_gateway(config).stop()  # its sessions stay: the broker queues what comes next
-    device = mqtt()
-    bulk = 8000
-    t0 = time.time() - 120
-    for i in range(bulk):
-        device.client.publish(topics.telemetry("wangma", "meter", f"mtr-wangma-{1 + i % 250:03d}"),
-                              b'{"ts": %.3f, "temp_c": 30}' % (t0 + i * 0.001), qos=1)
-    device.publish(topics.telemetry("wangma", "smoke", "smk-wangma-078"), {"ts": time.time(), "alarm": True})
-    screen = mqtt([topics.ALERTS_FILTER])
-    gateway = run_gateway(config).gateway
-    _, alert, _ = screen.wait_for(lambda t, a: a["device_id"] == "smk-wangma-078", timeout_s=30)
-    processed_when_fire_came = gateway.stats.valid["meter"]
-    deadline = time.monotonic() + 60
-    while gateway.stats.valid["meter"] < bulk and time.monotonic() < deadline:
-        time.sleep(0.05)
-    # on one connection the fire came after all 8,000: the broker sends 500 at a time as they are acknowledged
-    assert processed_when_fire_came < bulk / 4
-    assert gateway.stats.valid["meter"] == bulk and gateway.stats.valid["smoke"] == 1  # each once
-    assert gateway.receiver.handed_over == 1  # the bulk connection's copy of the fire, left to the smoke lane
-
-
-def test_the_bulk_connection_leaves_smoke_to_the_smoke_lane_only_while_that_lane_is_live():
-    import asyncio
-
-    from gateway.config import BrokerConfig, parse_broker_url
-    from gateway.mqtt import Lanes, puback
-
-    loop = asyncio.new_event_loop()
-    lanes = Lanes(BrokerConfig(), parse_broker_url("mqtt://127.0.0.1:1"), [], loop, asyncio.Event())
-    fire, meter = topics.telemetry("wangma", "smoke", "smk-wangma-001"), topics.telemetry("wangma", "meter", "mtr-1")
-    lanes.bulk._on_message(None, None, Message(fire, 7))  # the smoke lane is not connected: the bulk one takes it
-    assert [(m.topic, m.lane) for m in lanes.drain(10)] == [(fire, 1)] and lanes.handed_over == 0
-    lanes.smoke.live.set()  # connected and subscribed: its own session holds its own copy of every fire
-    lanes.bulk._on_message(None, None, Message(fire, 8))
-    lanes.bulk._on_message(None, None, Message(meter, 9))
-    lanes.bulk._on_message(None, None, Message(topics.telemetry("smoke", "meter", "mtr-2"), 10))  # a site "smoke"
-    assert [m.topic for m in lanes.drain(10)] == [topics.telemetry("smoke", "meter", "mtr-2"), meter]
-    assert lanes.handed_over == 1 and list(lanes.bulk._outgoing) == [puback(8)]  # acknowledged at once
-    lanes.smoke._on_message(None, None, Message(fire, 8))
-    [taken] = lanes.drain(10)
-    assert (taken.topic, taken.lane) == (fire, 0)
-    # acknowledged later on the connection it came by
-    assert lanes.pubacks([taken]) == [((0, lanes.smoke.generation), puback(8), 1)]
     loop.close()
 
 

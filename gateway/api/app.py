@@ -125,9 +125,7 @@ def create_app(gateway: "Gateway") -> FastAPI:
     @app.get("/readyz", tags=["health"])
     async def readyz() -> JSONResponse:
         ready = gateway.started.is_set() and gateway.receiver is not None and gateway.receiver.connected.is_set()
-        smoke_lane = gateway.receiver is not None and gateway.receiver.smoke.live.is_set()
-        return JSONResponse({"ready": ready, "broker": str(gateway.address), "smoke_lane": smoke_lane},
-                            status_code=200 if ready else 503)
+        return JSONResponse({"ready": ready, "broker": str(gateway.address)}, status_code=200 if ready else 503)
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
     async def metrics() -> Response:
