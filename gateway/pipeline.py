@@ -107,9 +107,16 @@ class Pipeline:
             items, chunks = decoded.readings.get(kind, []), decoded.columns.get(kind, [])
             if items or chunks:
                 outcome.alerts.extend(self._detect(kind, items, chunks, now, outcome))
-        for status in decoded.statuses:
+        last_word = self._last_words(messages) if decoded.statuses else {}
+        last_status = {(status.kind, status.device_id): at for at, status in enumerate(decoded.statuses)}
+        for at, status in enumerate(decoded.statuses):
             stats.statuses[(status.kind, "online" if status.online else "offline")] += 1
-            if not status.online:
+            # a device's will is old news when it spoke again later in the batch (its reading or its
+            # "online" after a reconnect): readings are applied before statuses, so without this a
+            # device that dropped and came straight back stayed offline until its next report
+            device = (status.kind, status.device_id)
+            superseded = last_word.get(device) != "status" or last_status[device] != at
+            if not status.online and not superseded:
                 engine = self.engines[status.kind]
                 series = self.registry.series[status.kind]
                 engine.ensure_series()
@@ -131,6 +138,16 @@ class Pipeline:
             stats.rejected[(kind, letter.reason)] += letter.rejected - len(letter.problems)
         self._count(outcome.alerts)
         return outcome
+
+    @staticmethod
+    def _last_words(messages: list[tuple[str, bytes]]) -> dict[tuple[str, str], str]:
+        """(kind, device) → the channel ("telemetry" or "status") of its last message in the batch."""
+        last: dict[tuple[str, str], str] = {}
+        for topic, _ in messages:
+            parts = topic.split("/")
+            if len(parts) == 5:
+                last[(parts[2], parts[3])] = parts[4]
+        return last
 
     def _detect(self, kind: str, items: list[tuple[int, Reading]], chunks: list[ReadingColumns], now: float,
                 outcome: Outcome) -> list[AlertEvent]:

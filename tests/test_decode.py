@@ -33,6 +33,23 @@ def test_status_online_offline_is_read_and_garbage_is_rejected(street_config):
     assert [d.reason for d in out.deadletters] == ["bad_status"]
 
 
+def test_a_will_followed_in_the_same_batch_by_the_device_itself_leaves_it_online(street_config):
+    # a detector drops and reconnects at once: the broker's copy of its will, its "online" and its
+    # reading often land in one batch, where readings are applied before statuses
+    now = time.time()
+    status = topics.status("wangma", "smoke", "smk-wangma-001")
+    telemetry = topics.telemetry("wangma", "smoke", "smk-wangma-001")
+    reading = b'{"ts": %.3f, "seq": 7, "alarm": false}' % (now - 1)
+    for batch in ([(status, b"offline"), (status, b"online"), (telemetry, reading)],
+                  [(status, b"offline"), (telemetry, reading)], [(status, b"offline"), (status, b"online")]):
+        p = pipeline(street_config)
+        assert [(a.rule, a.event) for a in p.process(batch, now).alerts] == [], batch
+    # its last word counts: a will after its reading is news (one offline alert), as it is on its own
+    p = pipeline(street_config)
+    out = p.process([(telemetry, reading), (status, b"online"), (status, b"offline")], now)
+    assert [(a.rule, a.event, a.device_id) for a in out.alerts] == [("offline", "raised", "smk-wangma-001")]
+
+
 def test_batch_over_the_limit_or_empty_is_rejected_whole(street_config):
     p = pipeline(street_config)
     topic = topics.telemetry("wangma", "meter", "mtr-wangma-001")
