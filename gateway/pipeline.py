@@ -114,15 +114,16 @@ class Pipeline:
             # a device's will is old news when it spoke again later in the batch (its reading or its
             # "online" after a reconnect): readings are applied before statuses, so without this a
             # device that dropped and came straight back stayed offline until its next report
-            device = (status.kind, status.device_id)
-            superseded = last_word.get(device) != "status" or last_status[device] != at
-            if not status.online and not superseded:
+            key = (status.kind, status.device_id)
+            superseded = last_word.get(key) != "status" or last_status[key] != at
+            if not superseded:
                 engine = self.engines[status.kind]
                 series = self.registry.series[status.kind]
                 engine.ensure_series()
-                for (device_id, _), row in series.rows.items():
-                    if device_id == status.device_id:
-                        outcome.alerts.extend(engine.mark_offline(row, now))
+                mark = engine.mark_online if status.online else engine.mark_offline
+                device = self.registry.devices.get(status.device_id)
+                for row in series.rows_of(device) if device is not None else ():
+                    outcome.alerts.extend(mark(row, now))
         for kind, dropped in decoded.throttled.items():
             # the first drop of a flood is also a dead letter, counted below
             stats.rejected[(kind, "rate_limited")] += dropped - sum(

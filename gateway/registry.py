@@ -30,9 +30,15 @@ class KindSeries:
     # (device_id, port) → row
     rows: dict[tuple[str, int], int] = field(default_factory=dict)
 
+    def ports_of(self, device: Device) -> range | tuple[int]:
+        return range(1, (device.ports or 1) + 1) if self.kind == "ev_charger" else (0,)
+
+    def rows_of(self, device: Device) -> list[int]:
+        """The rows of one device (one per port), by index rather than by a scan of the kind."""
+        return [row for port in self.ports_of(device) if (row := self.rows.get((device.id, port))) is not None]
+
     def add(self, device: Device) -> None:
-        ports = range(1, (device.ports or 1) + 1) if self.kind == "ev_charger" else (0,)
-        for port in ports:
+        for port in self.ports_of(device):
             self.rows[(device.id, port)] = len(self.device_ids)
             self.device_ids.append(device.id)
             self.ports.append(port)

@@ -235,6 +235,7 @@ class KindEngine:
         self.last_seen = np.full(n, float(started_at))  # gateway time of the last accepted reading
         self.offline = np.zeros(n, dtype=bool)
         self.offline_since = np.zeros(n)  # device time the offline episode began (its alert id)
+        self.offline_by_will = np.zeros(n, dtype=bool)  # offline because it said so (its will), not silence
         self.state = [RuleState(n, len(r.levels)) for r in self.rules]
         self.transforms = {i: make_transform(r.rule.transform, n) for i, r in enumerate(self.rules)
                            if r.rule.transform is not None}
@@ -270,6 +271,7 @@ class KindEngine:
         self.last_seen = pad(self.last_seen, float(self.last_seen.max(initial=0.0)))
         self.offline = pad(self.offline, False)
         self.offline_since = pad(self.offline_since, 0.0)
+        self.offline_by_will = pad(self.offline_by_will, False)
         for st in self.state:
             for name, a in st.arrays().items():
                 fill = np.nan if name == "run_start" else 0
@@ -480,6 +482,7 @@ class KindEngine:
             for row, t in zip(back.tolist(), back_ts.tolist()):
                 events.append(self._offline_event(row, "cleared", t, gateway_time))
             self.offline[back] = False
+            self.offline_by_will[back] = False
         for col, ring in self.rings.items():
             ring.push(rows, ts, values[:, col])
         for i, (rule, state) in enumerate(zip(self.rules, self.state)):
@@ -583,8 +586,20 @@ class KindEngine:
         if self.offline[row]:
             return []
         self.offline[row] = True
+        self.offline_by_will[row] = True
         self.offline_since[row] = now
         return [self._offline_event(row, "raised", now, now)]
+
+    def mark_online(self, row: int, now: float) -> list[AlertEvent]:
+        """The device said it is back ("online" on reconnecting). Ends an offline episode its will began
+        (its next report may be hours away: a smoke detector's heartbeat is every 4 h), and its silence
+        is counted from now; not one that silence began (a device that stays connected but reports
+        nothing is still silent, and a retained "online" at a restart says nothing new)."""
+        if not (self.offline[row] and self.offline_by_will[row]):
+            return []
+        self.offline[row] = self.offline_by_will[row] = False
+        self.last_seen[row] = now
+        return [self._offline_event(row, "cleared", now, now)]
 
     def _offline_event(self, row: int, event: str, ts: float, gateway_time: float) -> AlertEvent:
         spec = self.profile.offline
@@ -664,6 +679,7 @@ class KindEngine:
             "keys": np.array([f"{d}#{p}" for d, p in zip(self.series.device_ids, self.series.ports)]),
             "last_ts": self.last_ts, "max_seq": self.max_seq, "seq_bits": self.seq_bits,
             "last_seen": self.last_seen, "offline": self.offline, "offline_since": self.offline_since,
+            "offline_by_will": self.offline_by_will,
         }
         for rule, st in zip(self.rules, self.state):
             for name, a in st.arrays().items():
@@ -699,6 +715,8 @@ class KindEngine:
         self.last_seen[dst] = saved["last_seen"][src] + downtime
         self.offline[dst] = saved["offline"][src]
         self.offline_since[dst] = saved["offline_since"][src]
+        if "offline_by_will" in saved:  # (snapshots before it: silence, as before)
+            self.offline_by_will[dst] = saved["offline_by_will"][src]
         for rule, st in zip(self.rules, self.state):
             prefix = f"rule.{rule.rule_id}."
             arrays = {name: saved.get(prefix + name) for name in st.arrays()}

@@ -194,6 +194,7 @@ class ReplayingEngine(KindEngine):
         saved["last_seen"] = self.last_seen[rows].copy()
         saved["offline"] = self.offline[rows].copy()
         saved["offline_since"] = self.offline_since[rows].copy()
+        saved["offline_by_will"] = self.offline_by_will[rows].copy()
         KindEngine.restore(self, saved, now=float(saved["last_seen"].max()))
 
     def _row(self, event: AlertEvent) -> int | None:

@@ -50,6 +50,24 @@ def test_a_will_followed_in_the_same_batch_by_the_device_itself_leaves_it_online
     assert [(a.rule, a.event, a.device_id) for a in out.alerts] == [("offline", "raised", "smk-wangma-001")]
 
 
+def test_online_ends_an_offline_its_will_began_but_not_one_its_silence_began(street_config):
+    p = pipeline(street_config)
+    now = time.time()
+    status = topics.status("wangma", "smoke", "smk-wangma-002")
+
+    def events(alerts) -> list[tuple[str, str]]:
+        return [(a.rule, a.event) for a in alerts if a.device_id == "smk-wangma-002"]
+
+    assert events(p.process([(status, b"offline")], now).alerts) == [("offline", "raised")]
+    # back a few seconds later, its next heartbeat four hours away: the episode ends now
+    assert events(p.process([(status, b"online")], now + 3).alerts) == [("offline", "cleared")]
+    assert events(p.check_offline(now + 4 * 3600)) == []  # its silence counts from its "online"
+    timeout = street_config.kinds["smoke"].offline_after_s
+    assert events(p.check_offline(now + 3 + timeout + 1)) == [("offline", "raised")]  # then it is silent
+    # offline by silence: a retained "online" (every restart delivers it) says nothing new
+    assert events(p.process([(status, b"online")], now + 2 * timeout).alerts) == []
+
+
 def test_batch_over_the_limit_or_empty_is_rejected_whole(street_config):
     p = pipeline(street_config)
     topic = topics.telemetry("wangma", "meter", "mtr-wangma-001")
