@@ -111,19 +111,22 @@ class Pipeline:
         last_status = {(status.kind, status.device_id): at for at, status in enumerate(decoded.statuses)}
         for at, status in enumerate(decoded.statuses):
             stats.statuses[(status.kind, "online" if status.online else "offline")] += 1
-            # a device's will is old news when it spoke again later in the batch (its reading or its
-            # "online" after a reconnect): readings are applied before statuses, so without this a
-            # device that dropped and came straight back stayed offline until its next report
             key = (status.kind, status.device_id)
-            superseded = last_word.get(key) != "status" or last_status[key] != at
-            if not superseded:
-                engine = self.engines[status.kind]
-                series = self.registry.series[status.kind]
-                engine.ensure_series()
-                mark = engine.mark_online if status.online else engine.mark_offline
-                device = self.registry.devices.get(status.device_id)
-                for row in series.rows_of(device) if device is not None else ():
-                    outcome.alerts.extend(mark(row, now))
+            device = self.registry.devices.get(status.device_id)
+            if device is None or last_status[key] != at:
+                continue  # its own later status in this batch says more
+            engine = self.engines[status.kind]
+            engine.ensure_series()
+            rows = self.registry.series[status.kind].rows_of(device)
+            if status.online:
+                for row in rows:
+                    outcome.alerts.extend(engine.mark_online(row, now))
+            elif last_word.get(key) != "telemetry" or not any(engine.last_seen[row] == now for row in rows):
+                # a will is old news when a reading of the device, taken in this batch, came after it
+                # (readings are applied before statuses: a device that dropped and came straight back
+                # would stay offline until its next report, hours for a smoke detector)
+                for row in rows:
+                    outcome.alerts.extend(engine.mark_offline(row, now))
         for kind, dropped in decoded.throttled.items():
             # the first drop of a flood is also a dead letter, counted below
             stats.rejected[(kind, "rate_limited")] += dropped - sum(

@@ -176,6 +176,9 @@ class ReplayingEngine(KindEngine):
             row = self._row(e)
             if (e.alert_id, e.event, e.ts) in sent.get(row, ()):
                 continue
+            if e.rule == "offline":  # gateway-clock state, kept across the rewind: a late reading ends it
+                news.append(e)
+                continue
             told = self.told.get((row, e.rule)) if row is not None else None
             if e.event == "cleared" and (told is None or told.alert_id != e.alert_id):
                 continue  # downstream does not hold it active: closed already, or never shown

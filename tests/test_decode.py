@@ -66,6 +66,31 @@ def test_online_ends_an_offline_its_will_began_but_not_one_its_silence_began(str
     assert events(p.check_offline(now + 3 + timeout + 1)) == [("offline", "raised")]  # then it is silent
     # offline by silence: a retained "online" (every restart delivers it) says nothing new
     assert events(p.process([(status, b"online")], now + 2 * timeout).alerts) == []
+    # its "online" counts whatever follows it: here its unacknowledged reading, sent again on reconnecting
+    telemetry = topics.telemetry("wangma", "smoke", "smk-wangma-002")
+    reading = b'{"ts": %.3f, "seq": 7, "alarm": false}' % (now + 2 * timeout)
+    p.process([(telemetry, reading)], now + 2 * timeout + 1)
+    assert events(p.process([(status, b"offline")], now + 2 * timeout + 2).alerts) == [("offline", "raised")]
+    out = p.process([(status, b"online"), (telemetry, reading)], now + 2 * timeout + 3)  # a duplicate
+    assert events(out.alerts) == [("offline", "cleared")]
+    # a charging point's "online" ends the episode on every port, though one port's reading followed it
+    charger, p = topics.status("wangma", "ev_charger", "evc-wangma-01"), pipeline(street_config)
+    assert len(p.process([(charger, b"offline")], now).alerts) == 10
+    port = b'{"ts": %.3f, "port": 3, "power_w": 10.0}' % now
+    out = p.process([(charger, b"online"), (topics.telemetry("wangma", "ev_charger", "evc-wangma-01"), port)], now + 1)
+    assert sorted((a.port, a.event) for a in out.alerts if a.rule == "offline") == [(n, "cleared") for n in range(1, 11)]
+
+
+def test_a_late_reading_ends_an_offline_episode_with_its_cleared_event(street_config):
+    p = pipeline(street_config)  # late readings replayed (detection.replay_late, the default)
+    now = time.time()
+    meter = topics.telemetry("wangma", "meter", "mtr-wangma-001")
+    p.process([(meter, b'{"ts": %.3f, "temp_c": 30}' % (now - 30)), (meter, b'{"ts": %.3f, "temp_c": 30}' % (now - 10))],
+              now)
+    raised = p.process([(topics.status("wangma", "meter", "mtr-wangma-001"), b"offline")], now + 1).alerts
+    out = p.process([(meter, b'{"ts": %.3f, "temp_c": 30}' % (now - 20))], now + 2)  # late, within the bound
+    assert [(a.rule, a.event, a.alert_id) for a in raised + out.alerts] == [
+        ("offline", "raised", raised[0].alert_id), ("offline", "cleared", raised[0].alert_id)]
 
 
 def test_batch_over_the_limit_or_empty_is_rejected_whole(street_config):
