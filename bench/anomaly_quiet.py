@@ -44,21 +44,12 @@ def quiet_readings(kind: str, field: str, days: float,
     rows, ts, values = [], [], []
     end = T0 + days * 86400
     for number, spec in enumerate(devices):
+        series.add(spec)  # a DeviceSpec has the registry's attributes: its rows as the gateway makes them
         model = MODELS[kind](spec, random.Random(seed * 100_003 + number), T0)
-        row_of: dict[int, int] = {}
         t = model.next_at
         while t < end:
             for reading in model.readings(t):
-                port = int(reading.get("port", 0))
-                if port not in row_of:
-                    row_of[port] = len(series.device_ids)
-                    series.device_ids.append(spec.id)
-                    series.ports.append(port)
-                    series.sites.append(spec.site)
-                    series.names.append(spec.name)
-                    series.attributes.append({"zone_class": spec.zone_class, "rated_power_w": spec.rated_power_w})
-                    series.tags.append(spec.tags)
-                rows.append(row_of[port])
+                rows.append(series.rows[(spec.id, int(reading.get("port", 0)))])
                 ts.append(reading["ts"])
                 values.append(float(reading[field]))
             model.schedule_next(t)

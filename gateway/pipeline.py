@@ -100,14 +100,17 @@ class Pipeline:
         outcome = Outcome(deadletters=decoded.deadletters, statuses=decoded.statuses)
         for device in decoded.registered:
             log.warning("device auto-registered", extra={"device": device.id, "kind": device.kind, "site": device.site})
+        # (kind, device) → the channel of its last message in the batch, where a status needs it
+        last_word: dict[tuple[str, str], str] = {}
         for topic, _ in messages:
             parts = topic.split("/", 4)
             stats.received[parts[2] if len(parts) > 2 and parts[2] in READING_MODELS else "_"] += 1
+            if decoded.statuses and len(parts) == 5:
+                last_word[(parts[2], parts[3])] = parts[4]
         for kind in READING_MODELS:
             items, chunks = decoded.readings.get(kind, []), decoded.columns.get(kind, [])
             if items or chunks:
                 outcome.alerts.extend(self._detect(kind, items, chunks, now, outcome))
-        last_word = self._last_words(messages) if decoded.statuses else {}
         last_status = {(status.kind, status.device_id): at for at, status in enumerate(decoded.statuses)}
         for at, status in enumerate(decoded.statuses):
             stats.statuses[(status.kind, "online" if status.online else "offline")] += 1
@@ -142,16 +145,6 @@ class Pipeline:
             stats.rejected[(kind, letter.reason)] += letter.rejected - len(letter.problems)
         self._count(outcome.alerts)
         return outcome
-
-    @staticmethod
-    def _last_words(messages: list[tuple[str, bytes]]) -> dict[tuple[str, str], str]:
-        """(kind, device) → the channel ("telemetry" or "status") of its last message in the batch."""
-        last: dict[tuple[str, str], str] = {}
-        for topic, _ in messages:
-            parts = topic.split("/")
-            if len(parts) == 5:
-                last[(parts[2], parts[3])] = parts[4]
-        return last
 
     def _detect(self, kind: str, items: list[tuple[int, Reading]], chunks: list[ReadingColumns], now: float,
                 outcome: Outcome) -> list[AlertEvent]:
