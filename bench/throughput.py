@@ -81,6 +81,42 @@ def _publish_frame(topic: bytes, payload: bytes, packet_id: int) -> bytes:
     return mqtt.packet(0x32, len(topic).to_bytes(2, "big") + topic + packet_id.to_bytes(2, "big") + payload)
 
 
+def _reading(stamp: bytes, seq: int, hot: bool) -> bytes:
+    return (b'{"ts":%s,"seq":%d,"temp_c":%.1f,"current_a":%.1f,"voltage_v":221.5,"leakage_ma":1.2}'
+            % (stamp, seq, HOT_TEMP_C if hot else NORMAL_TEMP_C + seq % 7, 8.0 + seq % 11))
+
+
+class _Batches:
+    """``{"readings": [...]}`` payloads at ~7 µs for 100 readings instead of ~90 µs formatted reading by
+    reading, so that the load generator does not take the CPU the gateway is measured on (2 cores).
+
+    A message's body depends only on its first seq and whether its last reading is hot, so it is kept
+    with a 15-byte mark where each reading's timestamp goes; the message's time (to 0.1 ms, 0.2–0.3 ms
+    before now) replaces the mark, and each reading appends two digits, its place in the batch, in
+    microseconds: readings 1 µs apart, the last (the hot one) at most 0.3 ms older than the write, so
+    latency is overstated by that much, never understated."""
+
+    MARK = b"T" * 15
+
+    def __init__(self, per: int):
+        if not 1 < per <= 100:
+            raise ValueError("batches of 2 to 100 readings")
+        self.per = per
+        self.bodies: dict[tuple[int, bool], bytes] = {}
+
+    def payload(self, now: float, seq: int, hot: bool) -> bytes:
+        body = self.bodies.get((seq, hot))
+        if body is None:
+            if len(self.bodies) > 4096:
+                self.bodies.clear()
+            readings = [_reading(b"%s%02d" % (self.MARK, i), seq + i, hot and i == self.per - 1)
+                        for i in range(self.per)]
+            body = self.bodies[(seq, hot)] = b'{"readings":[' + b",".join(readings) + b"]}"
+        stamp = b"%d.%04d" % divmod(int((now - 2e-4) * 1e4), 10000)
+        assert len(stamp) == len(self.MARK)
+        return body.replace(self.MARK, stamp)
+
+
 @dataclass
 class Plan:
     host: str
@@ -124,6 +160,7 @@ def _publisher(plan: Plan, results: Any) -> None:
     hot = plan.hot
     n_dev, per = len(topics_), plan.per_message
     sent = hot_sent = 0
+    batches = _Batches(per) if per > 1 else None
     time.sleep(max(0.0, plan.start_at - time.time()))
     t0 = time.time()
     while sent < plan.messages:
@@ -139,12 +176,8 @@ def _publisher(plan: Plan, results: Any) -> None:
             hot_sent += make_hot
             seq = seqs[d]
             seqs[d] = seq + per
-            readings = [b'{"ts":%.6f,"seq":%d,"temp_c":%.1f,"current_a":%.1f,"voltage_v":221.5,"leakage_ma":1.2}'
-                        % (now - (per - 1 - i) * 1e-4, seq + i,
-                           HOT_TEMP_C if make_hot and i == per - 1 else NORMAL_TEMP_C + (seq + i) % 7,
-                           8.0 + (seq + i) % 11)
-                        for i in range(per)]
-            payload = readings[0] if per == 1 else b'{"readings":[' + b",".join(readings) + b"]}"
+            payload = (_reading(b"%.6f" % now, seq, make_hot) if per == 1
+                       else batches.payload(now, seq, make_hot))  # type: ignore[union-attr]
             sent += 1
             frames.append(_publish_frame(topics_[d], payload, sent % 65535 + 1))
         if frames:

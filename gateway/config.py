@@ -232,6 +232,8 @@ class IngestConfig(Section):
     max_future_s: float = Field(default=300.0, ge=0, description="device clocks may run this far ahead")
     auto_register: bool = Field(default=False, description="accept devices that are not in the registry")
     batch_max: int = Field(default=5000, ge=1, description="messages handed to detection at once")
+    decode_ahead: bool = Field(default=True, description="decode {\"readings\": [...]} batches in a second "
+                               "process while they wait in the receive buffer (started on the first batch)")
     device_rate_per_s: float = Field(default=10.0, ge=0, description="messages a device may send per second "
                                      "on average (a batch is one message); 0: no limit")
     device_burst: int = Field(default=100, ge=1, description="messages a device may send at once")

@@ -103,6 +103,8 @@ class Decoded:
     registered: list[Device] = field(default_factory=list)
     throttled: dict[str, int] = field(default_factory=dict)  # kind → messages dropped over a device's rate
     floods_started: list[Device] = field(default_factory=list)
+    batches_here: int = 0  # plain batches decoded by this thread…
+    batches_ahead: int = 0  # …and by the decode-ahead worker (gateway/ahead.py)
 
 
 class RateLimiter:
@@ -438,18 +440,19 @@ class Decoder:
                       for kind, fast in self.fast.items()}
         self.with_port = {kind for kind, model in READING_MODELS.items() if "port" in model.model_fields}
 
-    def decode(self, messages: list[tuple[str, bytes]], now: float) -> Decoded:
+    def decode(self, messages: list[tuple[str, bytes]], now: float, ahead: list[Any] | None = None) -> Decoded:
+        """``ahead``: per message, what the decode-ahead worker made of it as a batch (None: nothing)."""
         out = Decoded()
-        for topic, payload in messages:
+        for at, (topic, payload) in enumerate(messages):
             try:
-                self._decode_one(topic, payload, now, out)
+                self._decode_one(topic, payload, now, out, ahead[at] if ahead is not None else None)
             except Exception as exc:  # a decoder bug must cost one message, never the gateway
                 letter = DeadLetter(topic, topics.UNKNOWN, topics.UNKNOWN, topics.UNKNOWN, payload)
                 letter.add(None, "internal_error", f"{type(exc).__name__}: {exc}")
                 out.deadletters.append(letter)
         return out
 
-    def _decode_one(self, topic: str, payload: bytes, now: float, out: Decoded) -> None:
+    def _decode_one(self, topic: str, payload: bytes, now: float, out: Decoded, ahead: Any = None) -> None:
         parsed = topics.parse_device_topic(topic)
         if parsed is None:
             letter = DeadLetter(topic, topics.UNKNOWN, topics.UNKNOWN, topics.UNKNOWN, payload)
@@ -487,7 +490,12 @@ class Decoder:
             out.deadletters.append(letter)
             return
         if b'"readings"' in payload:  # tried as a plain batch before it is parsed to dicts
-            typed = self.typed[kind](payload)
+            if ahead is None:
+                typed = self.typed[kind](payload)
+                out.batches_here += 1
+            else:  # the same decoder's answer, from the worker: columns, or "refused"
+                typed = ahead if isinstance(ahead, tuple) else None
+                out.batches_ahead += 1
             if typed is not None and typed[0] in (None, device_id) and self._chunk(
                     site, kind, device_id, typed[1], now, out):
                 return

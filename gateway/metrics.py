@@ -29,6 +29,8 @@ class Stats(Collector):
         self.ingest_unacked = 0  # processed, waiting for the snapshot that lets them be acknowledged
         self.ingest_lag_s = 0.0
         self.telemetry: Any = None  # the telemetry sink, when a store is configured
+        self.batch_decodes: Counter[str] = Counter()  # here | ahead → batch messages decoded where
+        self.decode_ahead: Any = None  # gateway.ahead.DecodeAhead, when on
         self.replaying: dict[str, Any] = {}  # kind → its ReplayingEngine (rules/replay.py), when late readings replay
 
     def snapshot(self) -> dict[str, dict[str, int]]:
@@ -87,6 +89,22 @@ class Stats(Collector):
                                 "Gateway time minus the newest device time of the last batch (overload shows here first)")
         lag.add_metric([], self.ingest_lag_s)
         yield lag
+        decodes = CounterMetricFamily("streetbrain_batch_decodes",
+                                      "Batch messages decoded by the main thread (here) or by the decode-ahead "
+                                      "worker process (ahead)", labels=["where"])
+        for where, n in self.batch_decodes.items():
+            decodes.add_metric([where], n)
+        yield decodes
+        if self.decode_ahead is not None:
+            state = self.decode_ahead.state()
+            starts = CounterMetricFamily("streetbrain_decode_worker_starts", "Decode-ahead worker processes started")
+            starts.add_metric([], state["starts"])
+            failures = CounterMetricFamily("streetbrain_decode_worker_failures",
+                                           "Decode-ahead workers that died or did not start (the main thread decodes)")
+            failures.add_metric([], state["failures"])
+            running = GaugeMetricFamily("streetbrain_decode_worker_running", "1 while a decode-ahead worker runs")
+            running.add_metric([], state["running"])
+            yield from (starts, failures, running)
         if self.replaying:
             replays = CounterMetricFamily("streetbrain_replays", "Series set back and replayed for a late reading",
                                           labels=["kind"])

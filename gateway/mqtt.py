@@ -50,6 +50,8 @@ class Inbound:
     mid: int
     qos: int
     generation: int  # which connection it arrived on: acks are only valid on that one
+    claimed: bool = False  # taken by the main thread: decoding it ahead is no use any more
+    ahead: Any = None  # its batch decoded by the decode-ahead worker (gateway/ahead.py), when it was
 
 
 class BrokerRefused(ConnectionError):
@@ -165,8 +167,9 @@ class Receiver:
     """
 
     def __init__(self, config: BrokerConfig, address: BrokerAddress, filters: list[str],
-                 loop: asyncio.AbstractEventLoop, wake: asyncio.Event):
+                 loop: asyncio.AbstractEventLoop, wake: asyncio.Event, ahead: Any = None):
         self.config = config
+        self.ahead = ahead  # gateway.ahead.DecodeAhead: offered every bulk message as it arrives
         self.address = address
         self.filters = filters
         self.loop = loop
@@ -307,13 +310,18 @@ class Receiver:
 
     def _handle(self, frames: list[tuple[int, bytes, int, int]], generation: int) -> None:
         taken = False
+        bulk: list[Inbound] = []
         for first, data, start, end in frames:
             kind = first >> 4
             if kind == 3:
                 topic, payload, mid, qos = parse_publish(first, data, start, end)
                 if not self._paused:
-                    (self.urgent if URGENT in topic else self.buffer).append(
-                        Inbound(topic, payload, mid, qos, generation))
+                    inbound = Inbound(topic, payload, mid, qos, generation)
+                    if URGENT in topic:
+                        self.urgent.append(inbound)
+                    else:
+                        self.buffer.append(inbound)
+                        bulk.append(inbound)
                     taken = True
             elif kind == 9:  # SUBACK: one reason code per filter, after the packet id and properties
                 self._on_suback(data[start + 3 + data[start + 2]:end])
@@ -323,6 +331,8 @@ class Receiver:
             # PINGRESP needs nothing: hearing it is what counts
         if taken:
             self._signal()
+        if bulk and self.ahead is not None:
+            self.ahead.offer(bulk)
 
     def _on_suback(self, reasons: bytes) -> None:
         if any(r >= 0x80 for r in reasons):
@@ -355,7 +365,9 @@ class Receiver:
         out: list[Inbound] = []
         for queue in (self.urgent, self.buffer):
             for _ in range(min(limit - len(out), len(queue))):
-                out.append(queue.popleft())
+                message = queue.popleft()
+                message.claimed = True
+                out.append(message)
         if self.urgent or self.buffer:  # more left: come straight back
             self._signalled = True
             self.wake.set()

@@ -93,10 +93,13 @@ class Pipeline:
                 engine.max_pending = config.detection.replay_max_pending
                 self.stats.replaying[engine.kind] = engine
 
-    def process(self, messages: list[tuple[str, bytes]], now: float) -> Outcome:
+    def process(self, messages: list[tuple[str, bytes]], now: float, ahead: list[Any] | None = None) -> Outcome:
+        """``ahead``: per message, its batch as decoded by the decode-ahead worker, or None."""
         stats = self.stats
         stats.batches += 1
-        decoded = self.decoder.decode(messages, now)
+        decoded = self.decoder.decode(messages, now, ahead)
+        stats.batch_decodes["here"] += decoded.batches_here
+        stats.batch_decodes["ahead"] += decoded.batches_ahead
         outcome = Outcome(deadletters=decoded.deadletters, statuses=decoded.statuses)
         for device in decoded.registered:
             log.warning("device auto-registered", extra={"device": device.id, "kind": device.kind, "site": device.site})

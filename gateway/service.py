@@ -19,6 +19,7 @@ import orjson
 from pydantic import SecretStr
 
 from gateway import security, topics
+from gateway.ahead import DecodeAhead
 from gateway.broker import EmbeddedBroker, reachable
 from gateway.config import BrokerAddress, Config, parse_broker_url
 from gateway.metrics import Stats
@@ -202,8 +203,12 @@ class Gateway:
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         publisher = Publisher(self.config.broker, self.address)
+        ahead = None
+        if self.config.ingest.decode_ahead:
+            ahead = DecodeAhead(self.config.ingest.max_readings_per_message, self.config.ingest.max_payload_bytes).start()
+            self.stats.decode_ahead = ahead
         receiver = Receiver(self.config.broker, self.address, [topics.TELEMETRY_FILTER, topics.STATUS_FILTER],
-                            loop, wake)
+                            loop, wake, ahead)
         self.receiver = receiver
         self._poke = asyncio.Event()
         api_task = await self._start_api()
@@ -242,6 +247,8 @@ class Gateway:
                           "the broker redelivers their readings on restart", SHUTDOWN_FLUSH_S)
             await self._commit(receiver)  # the last snapshot, then the last acknowledgements
             await asyncio.to_thread(receiver.stop)
+            if ahead is not None:
+                await asyncio.to_thread(ahead.stop)
             if api_task is not None:
                 self.api_server.should_exit = True
                 await asyncio.wait({api_task}, timeout=5)
@@ -283,7 +290,8 @@ class Gateway:
             if not batch:
                 return
             now = time.time()
-            outcome = self._process_batch([(m.topic, m.payload) for m in batch], now)
+            outcome = self._process_batch([(m.topic, m.payload) for m in batch], now,
+                                          [m.ahead for m in batch] if receiver.ahead is not None else None)
             newest = outcome.newest_ts()
             if newest is not None:
                 # how far behind the devices the gateway is: gateway time − the newest device time taken
@@ -306,11 +314,12 @@ class Gateway:
             if not everything:
                 return
 
-    def _process_batch(self, messages: list[tuple[str, bytes]], now: float) -> Outcome:
-        """The pipeline over a batch; if it fails, message by message, so that a reading that trips a
-        bug costs only itself (dead-lettered as internal_error), never the other devices' readings."""
+    def _process_batch(self, messages: list[tuple[str, bytes]], now: float, ahead: list[Any] | None = None) -> Outcome:
+        """The pipeline over a batch; if it fails, message by message (each decoded here), so that a
+        reading that trips a bug costs only itself (dead-lettered as internal_error), never the other
+        devices' readings."""
         try:
-            return self.pipeline.process(messages, now)
+            return self.pipeline.process(messages, now, ahead)
         except Exception:
             self.stats.pipeline_errors += 1
             log.exception("pipeline failed on a batch; retrying its %d messages one by one", len(messages))

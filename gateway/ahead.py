@@ -1,0 +1,245 @@
+"""Decode-ahead: a second process decodes batch messages while they wait in the receive buffer.
+
+With 100 readings a message, decoding a batch (msgspec's typed parse and reading its columns,
+:class:`gateway.decode.TypedBatch`) is half of the main thread's time (about 110 of 220 µs a message
+under load, docs/PERFORMANCE.md), and the main thread, which also runs detection, is the gateway's
+wall. Decoding a batch is a pure function of its bytes, so it can be done earlier and elsewhere: the
+receiver's I/O thread offers each message that looks like a batch to this module's thread, which
+hands what has piled up to a worker process (the second core) and attaches each result, the columns
+as arrays, to its waiting message. When the main thread takes a message it uses the result if it is
+there and decodes the message itself if it is not: it never waits for the worker. So the worker only
+ever adds throughput; a worker that is slow, dead or restarting costs nothing but itself, and a
+payload that crashes the parser crashes the worker, not the gateway. Everything else (topic, device,
+rate limit, the batch's device_id, dead letters) stays on the main thread in arrival order, and the
+worker runs the same decoder as the main thread, so what is accepted and rejected does not depend on
+where a batch was decoded (tests/test_ahead.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import pickle
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from gateway.mqtt import Inbound
+
+log = logging.getLogger("streetbrain.ahead")
+
+REFUSED = "refused"  # the worker's decoder said "not a plain batch": the main thread goes to the JSON path
+EXCHANGE_MAX = 512  # messages handed to the worker at once: results come back in time for the next drain
+GATHER_S = 0.001  # a few messages wait this long for company (one exchange costs ~0.1 ms of IPC)
+GATHER_MIN = 16
+START_MIN = 16  # batches waiting at once that start the worker: a street's trickle never needs one
+RESTART_S = 5.0  # a dead worker is started again after this long; meanwhile the main thread decodes
+
+
+def _worker(conn: Any, max_readings: int) -> None:
+    """The worker process: requests of (kind, payload) in, packed results out, until the pipe closes."""
+    from gateway.decode import READING_MODELS, TypedBatch, fast_reading
+
+    typed = {kind: TypedBatch(kind, fast_reading(kind), max_readings) for kind in READING_MODELS}
+    conn.send_bytes(b"ready")
+    while True:
+        try:
+            jobs = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+        results: list[Any] = []
+        for kind, payload in jobs:
+            try:
+                result = typed[kind](payload)
+            except Exception:  # the main thread decodes it again and explains (or dead-letters) it
+                result = None
+            else:
+                result = False if result is None else result
+            results.append(result)
+        conn.send_bytes(pack(results))
+
+
+def pack(results: list[Any]) -> bytes:
+    """The worker's results (None: failed, False: refused, else TypedBatch's) → one message: a short
+    head per result and two flat buffers of numbers. (Pickling each result's four arrays costs the receiving side ~20 µs a message; this, ~4.)"""
+    heads: list[Any] = []
+    floats: list[np.ndarray] = []
+    values: list[np.ndarray] = []
+    ints: list[np.ndarray] = []
+    for result in results:
+        if result is None:
+            heads.append(None)
+        elif result is False:
+            heads.append(REFUSED)
+        else:
+            device_id, (ts, numbers, seq, ports) = result
+            heads.append((device_id, len(ts), numbers.shape[1]))
+            floats.append(ts)
+            values.append(numbers.ravel())
+            ints += (seq, ports)
+    flat = np.concatenate(floats + values) if floats else np.empty(0)
+    whole = np.concatenate(ints) if ints else np.empty(0, np.int64)
+    return pickle.dumps((heads, flat.tobytes(), whole.tobytes()), protocol=5)
+
+
+def unpack(data: bytes) -> list[Any]:
+    """:func:`pack`'s message → per request: None (decode it here), REFUSED, or (device_id, columns)
+    with the columns as views of two shared buffers."""
+    heads, flat_bytes, whole_bytes = pickle.loads(data)
+    flat = np.frombuffer(flat_bytes, np.float64).copy()  # writable, as the main thread's own columns are
+    whole = np.frombuffer(whole_bytes, np.int64).copy()
+    at_values = sum(head[1] for head in heads if isinstance(head, tuple))
+    at_ts = at_ints = 0
+    out: list[Any] = []
+    for head in heads:
+        if not isinstance(head, tuple):
+            out.append(head)
+            continue
+        device_id, n, width = head
+        out.append((device_id, (flat[at_ts:at_ts + n], flat[at_values:at_values + n * width].reshape(n, width),
+                                whole[at_ints:at_ints + n], whole[at_ints + n:at_ints + 2 * n])))
+        at_ts += n
+        at_values += n * width
+        at_ints += 2 * n
+    return out
+
+
+class DecodeAhead:
+    """The thread that feeds the worker process, and the worker's life (started on the first batch,
+    restarted after it dies)."""
+
+    def __init__(self, max_readings: int, max_payload_bytes: int):
+        from gateway.decode import READING_MODELS, TypedBatch, fast_reading
+
+        self.max_readings = max_readings
+        self.max_payload_bytes = max_payload_bytes
+        # kinds whose batches the typed decoder takes at all (the others go the JSON way anyway)
+        self.kinds = {kind for kind in READING_MODELS if TypedBatch(kind, fast_reading(kind), max_readings).enabled}
+        self._offers: queue.SimpleQueue[list[Inbound] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._conn: Any = None
+        self._process: Any = None
+        self._retry_at = 0.0
+        self.decoded = 0  # messages the worker decoded
+        self.exchanges = 0
+        self.starts = 0  # worker processes started (more than one: it died and was restarted)
+        self.failures = 0  # workers that died or could not start
+
+    def start(self) -> DecodeAhead:
+        self._thread = threading.Thread(target=self._run, name="decode-ahead", daemon=True)
+        self._thread.start()
+        return self
+
+    def offer(self, messages: list[Inbound]) -> None:
+        """From the receiver's I/O thread: messages just queued for the main thread."""
+        self._offers.put(messages)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._offers.put(None)
+        process = self._process
+        if process is not None:
+            process.kill()  # a thread waiting on the worker's answer gets EOF
+        if self._thread is not None:
+            self._thread.join(10)
+        self._end_worker()
+
+    # -- the thread ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            offered = self._offers.get()
+            if offered is None:
+                return
+            jobs = self._candidates(offered, [])
+            if len(jobs) < GATHER_MIN:
+                time.sleep(GATHER_S)
+            if not self._gather(jobs):
+                return
+            while jobs and not self._stopping:
+                taken = [m for m in jobs[:EXCHANGE_MAX] if not m.claimed]  # the main thread took the rest
+                del jobs[:EXCHANGE_MAX]
+                if taken and (self._conn is not None or len(taken) >= START_MIN) and self._ensure_worker():
+                    self._exchange(taken)
+
+    def _gather(self, jobs: list[Inbound]) -> bool:
+        """Add whatever else has been offered meanwhile; False when told to stop."""
+        while True:
+            try:
+                more = self._offers.get_nowait()
+            except queue.Empty:
+                return True
+            if more is None:
+                return False
+            self._candidates(more, jobs)
+
+    def _candidates(self, messages: list[Inbound], into: list[Inbound]) -> list[Inbound]:
+        limit, kinds = self.max_payload_bytes, self.kinds
+        for m in messages:
+            if (len(m.payload) <= limit and m.topic.endswith("/telemetry") and b'"readings"' in m.payload
+                    and m.topic.split("/", 3)[2] in kinds):
+                into.append(m)
+        return into
+
+    def _exchange(self, messages: list[Inbound]) -> None:
+        request = pickle.dumps([(m.topic.split("/", 3)[2], m.payload) for m in messages], protocol=5)
+        try:
+            self._conn.send_bytes(request)
+            results = unpack(self._conn.recv_bytes())
+        except (EOFError, OSError, pickle.UnpicklingError, ValueError) as exc:
+            if not self._stopping:
+                self.failures += 1
+                log.warning("decode worker lost (%s); the main thread decodes until it is back in %.0f s",
+                            exc or type(exc).__name__, RESTART_S)
+            self._end_worker()
+            self._retry_at = time.monotonic() + RESTART_S
+            return
+        self.exchanges += 1
+        for message, result in zip(messages, results):
+            if result is not None:
+                message.ahead = result
+                self.decoded += 1
+
+    def _ensure_worker(self) -> bool:
+        if self._conn is not None:
+            return True
+        if self._stopping or time.monotonic() < self._retry_at:
+            return False
+        ctx = mp.get_context("spawn")  # a fresh interpreter: forking a threaded gateway is not safe
+        parent, child = ctx.Pipe()
+        process = ctx.Process(target=_worker, args=(child, self.max_readings), name="streetbrain-decode", daemon=True)
+        try:
+            process.start()
+            child.close()
+            if not parent.poll(60) or parent.recv_bytes() != b"ready":
+                raise TimeoutError("no word from the worker within 60 s")
+        except Exception as exc:
+            self.failures += 1
+            log.warning("decode worker did not start (%s); the main thread decodes, retrying in %.0f s",
+                        exc or type(exc).__name__, RESTART_S)
+            parent.close()
+            if process.is_alive():
+                process.kill()
+            self._retry_at = time.monotonic() + RESTART_S
+            return False
+        self.starts += 1
+        self._conn, self._process = parent, process
+        log.info("decode worker started pid=%s", process.pid)
+        return True
+
+    def _end_worker(self) -> None:
+        process, conn = self._process, self._conn
+        self._process = self._conn = None
+        if process is not None:
+            process.kill()
+            process.join(5)
+        if conn is not None:
+            conn.close()
+
+    def state(self) -> dict[str, float]:
+        return {"decoded": self.decoded, "exchanges": self.exchanges, "starts": self.starts,
+                "failures": self.failures, "running": float(self._process is not None)}
