@@ -335,7 +335,7 @@ def bench_registry(work: Path, count: int) -> tuple[Path, list[tuple[str, str]]]
 class GatewayProcess:
     """``streetbrain run`` in a process of its own, on the bench broker, read through /metrics and /proc."""
 
-    def __init__(self, work: Path, broker_url: str, registry: Path, name: str):
+    def __init__(self, work: Path, broker_url: str, registry: Path, name: str, decode_ahead: bool = True):
         self.work = work / name
         self.work.mkdir(parents=True)
         path = write_config(self.work, broker_url)
@@ -346,6 +346,7 @@ class GatewayProcess:
         data["broker"]["client_id"] = f"gw-bench-{name}"
         data["api"]["listen"] = f"127.0.0.1:{self.api_port}"
         data["ingest"]["device_rate_per_s"] = 10  # the shipped limits stay on: part of the work measured
+        data["ingest"]["decode_ahead"] = decode_ahead
         path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
         self.log = self.work / "gateway.log"
         self.log.write_bytes(b"")
@@ -458,7 +459,7 @@ def gateway_step(gateway: GatewayProcess, watch: AlertWatch, host: str, port: in
 
 def gateway_series(work: Path, broker: EmbeddedBroker, registry: Path, devices: list[tuple[str, str]],
                    per_message: int, steps: list[float], args: argparse.Namespace) -> list[Row]:
-    gateway = GatewayProcess(work, broker.url, registry, f"per{per_message}")
+    gateway = GatewayProcess(work, broker.url, registry, f"per{per_message}", not args.no_decode_ahead)
     watch = AlertWatch(broker.host, broker.port, len(devices))
     rows: list[Row] = []
     try:
@@ -603,6 +604,8 @@ def main() -> None:
                         help="offered messages/s with 10 readings per message")
     parser.add_argument("--steps-100", default="250,500,1000,1500,2000,3000,5000",
                         help="offered messages/s with 100 readings per message")
+    parser.add_argument("--no-decode-ahead", action="store_true",
+                        help="the gateway decodes every batch on its main thread (ingest.decode_ahead: false)")
     args = parser.parse_args()
     if args.quick:
         args.seconds = min(args.seconds, 3.0)

@@ -293,6 +293,8 @@ class ReadingColumns:
         """The last ``depth`` kept readings as the dashboard keeps a batch's: a block of columns (ts,
         ports, values), three small arrays that the garbage collector never walks; :func:`recent_rows`
         makes reading tuples of it when someone asks."""
+        if kept.all():  # copies, not views: a view would keep the whole batch alive in the chart
+            return self.ts[-depth:].copy(), self.ports[-depth:].copy(), self.values[-depth:].copy()
         index = np.flatnonzero(kept)[-depth:]
         return self.ts[index], self.ports[index], self.values[index]
 

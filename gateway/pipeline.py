@@ -38,6 +38,7 @@ class Outcome:
     accepted: list[tuple[str, str, str, Reading]] = field(default_factory=list)  # (kind, site, device, reading)
     # batch messages taken as columns, with which of their readings were accepted
     accepted_columns: list[tuple[ReadingColumns, np.ndarray]] = field(default_factory=list)
+    newest: float | None = None  # the newest device time among the accepted readings
 
     def readings(self) -> Iterator[tuple[str, str, str, Reading]]:
         """Every accepted reading as (kind, site, device, reading); those of column chunks are built
@@ -49,12 +50,6 @@ class Outcome:
 
     def count(self) -> int:
         return len(self.accepted) + sum(int(kept.sum()) for _, kept in self.accepted_columns)
-
-    def newest_ts(self) -> float | None:
-        """The newest device time among the accepted readings."""
-        newest = [r.ts for _, _, _, r in self.accepted]
-        newest += [float(chunk.ts[kept].max()) for chunk, kept in self.accepted_columns if kept.any()]
-        return max(newest) if newest else None
 
 
 def to_columns(items: list[tuple[int, Reading]], fields: tuple[str, ...]) -> ColumnBatch:
@@ -174,10 +169,14 @@ class Pipeline:
             k = int(np.searchsorted(offsets, index, side="right")) - 1
             return chunks[k].reading(index - int(offsets[k]))
 
-        if self.keep_readings:
-            kept = np.ones(n, dtype=bool)
+        kept = np.ones(n, dtype=bool)
+        if rejected:
             kept[evaluation.duplicate] = False
             kept[evaluation.too_late] = False
+        if n > rejected:
+            newest = float(batch.ts[kept].max() if rejected else batch.ts.max())
+            outcome.newest = newest if outcome.newest is None else max(outcome.newest, newest)
+        if self.keep_readings:
             outcome.accepted.extend((kind, series.sites[row], series.device_ids[row], reading)
                                     for (row, reading), keep in zip(items, kept[:len(items)].tolist()) if keep)
             outcome.accepted_columns.extend((chunk, kept[start:start + len(chunk)])

@@ -292,7 +292,7 @@ class Gateway:
             now = time.time()
             outcome = self._process_batch([(m.topic, m.payload) for m in batch], now,
                                           [m.ahead for m in batch] if receiver.ahead is not None else None)
-            newest = outcome.newest_ts()
+            newest = outcome.newest
             if newest is not None:
                 # how far behind the devices the gateway is: gateway time − the newest device time taken
                 self.stats.ingest_lag_s = max(0.0, now - newest)
