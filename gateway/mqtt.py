@@ -30,6 +30,7 @@ from gateway.config import BrokerAddress, BrokerConfig
 
 log = logging.getLogger("streetbrain.mqtt")
 URGENT = "/smoke/"  # the topic level of the kind whose messages are processed first
+AHEAD_MIN_BYTES = 150  # no batch the typed decoder takes is shorter: 8 readings of {"ts":1700000000} are 158 bytes
 
 
 def _tls_context(config: BrokerConfig) -> ssl.SSLContext | None:
@@ -321,7 +322,8 @@ class Receiver:
                         self.urgent.append(inbound)
                     else:
                         self.buffer.append(inbound)
-                        bulk.append(inbound)
+                        if len(payload) >= AHEAD_MIN_BYTES:
+                            bulk.append(inbound)
                     taken = True
             elif kind == 9:  # SUBACK: one reason code per filter, after the packet id and properties
                 self._on_suback(data[start + 3 + data[start + 2]:end])
