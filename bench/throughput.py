@@ -341,9 +341,10 @@ class GatewayProcess:
         path = write_config(self.work, broker_url)
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
         self.api_port = free_port()
+        self.broker_url = broker_url
         data["registry_file"] = str(registry)
         data["devices"] = []
-        data["broker"]["client_id"] = f"gw-bench-{name}"
+        self.client_id = data["broker"]["client_id"] = f"gw-bench-{name}"
         data["api"]["listen"] = f"127.0.0.1:{self.api_port}"
         data["ingest"]["device_rate_per_s"] = 10  # the shipped limits stay on: part of the work measured
         data["ingest"]["decode_ahead"] = decode_ahead
@@ -379,6 +380,17 @@ class GatewayProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        # End its persistent session: the broker would otherwise queue every later message of the
+        # bench for it (up to max_queued_messages), a load on the broker that the next series would pay.
+        host, port = self.broker_url.removeprefix("mqtt://").rsplit(":", 1)
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5)
+        connected = threading.Event()
+        client.on_connect = lambda *_: connected.set()
+        client.connect(host, int(port), clean_start=True)  # session expiry 0: gone at the disconnect
+        client.loop_start()
+        connected.wait(10)
+        client.disconnect()
+        client.loop_stop()
 
 
 class AlertWatch:
