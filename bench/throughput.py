@@ -7,7 +7,8 @@
 One Mosquitto from ``gateway/mosquitto.conf`` (the configuration ``streetbrain run`` writes) on a free
 loopback port, anonymous. Devices are meter boxes of a generated registry (``--devices``), published
 by ``--publishers`` processes that write pre-encoded MQTT 3.1.1 QoS 1 frames to their own socket and
-count the broker's PUBACKs, so that publishing costs a few µs a message and is not the bottleneck.
+count the broker's PUBACKs, so that publishing costs a few µs a message and is not the bottleneck
+(a 100-reading batch is its cached body with the timestamps written in: ~7 µs instead of ~90).
 Every publisher sends exactly the messages it planned, at the offered pace or as fast as the broker
 takes them.
 
@@ -22,8 +23,10 @@ takes them.
   ``--slack`` seconds of the publishers. 1% of messages carry one reading over ``meter_overheat``'s
   threshold (its alert is ``raised``; the device's next reading clears it); the reading's ``ts`` is
   the moment it was written to the socket, so publish → alert latency is the alert's arrival − its
-  ``ts`` (one clock, one machine). CPU is the gateway process's user + system time over the step;
-  RSS its peak (VmHWM) so far.
+  ``ts`` (one clock, one machine). CPU is the user + system time of the gateway process and its
+  children (the decode-ahead worker) over the step; RSS the gateway process's peak (VmHWM) so far.
+  A stopped gateway's persistent session is ended, so that the broker does not go on queueing the
+  rest of the run's messages for it. ``--no-decode-ahead`` runs the gateway without its worker.
 * **memory** — a fresh process builds a registry of 300,000 devices (smoke, meter, charging points,
   noise in the street's proportions), the pipeline with the shipped rule profiles, and steps one
   reading per device through decode and detection: RSS before and after.
@@ -366,8 +369,18 @@ class GatewayProcess:
         return out
 
     def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        """User + system CPU of the gateway and of its child processes (the decode-ahead worker)."""
+        total, pids = 0, [self.process.pid]
+        while pids:
+            pid = pids.pop()
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    pids += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:  # it ended meanwhile
+                continue
+            total += int(fields[11]) + int(fields[12])
+        return total / CLK_TCK
 
     def rss_mb(self) -> float:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
