@@ -23,7 +23,7 @@ from gateway.ahead import DecodeAhead
 from gateway.broker import EmbeddedBroker, reachable
 from gateway.config import BrokerAddress, Config, parse_broker_url
 from gateway.metrics import Stats
-from gateway.mqtt import Publisher, Receiver
+from gateway.mqtt import Inbound, Publisher, Receiver
 from gateway.decode import DeadLetter, recent_rows
 from gateway.incidents.queue import IncidentQueue
 from gateway.incidents.store import Database
@@ -45,6 +45,7 @@ RECENT_READINGS_MIN = 1  # the device view's last reading
 FIELDS = {kind: model.FIELDS for kind, model in READING_MODELS.items()}
 LINGER_S = 0.004  # how long a small batch waits for company (a few ms on an alert's way: the target is 50 ms)
 LINGER_BATCH = 500  # messages from which a batch no longer waits
+BOUNDARY_WAIT_S = 1.0  # a snapshot waits this long for the batch in hand to finish, then comes back later
 PUBLISH_CHANGES_AT_ONCE = 200  # incident changes published between two turns of the ingest loop
 GC_YOUNG_THRESHOLD = 10_000  # allocations between young collections (Python's default: 700)
 GC_FULL_EVERY = 100  # middle-generation collections between full ones (Python's default: 10)
@@ -128,6 +129,8 @@ class Gateway:
         self.readings_buffer: dict[str, list[tuple[Any, ...]]] = {}
         self.recent_depth = recent_readings_depth(sum(len(s) for s in self.registry.series.values()))
         self._poke: asyncio.Event | None = None
+        self._mid_batch = False  # the ingest loop is between a batch's detection and its acknowledgements
+        self._boundary: list[asyncio.Future[tuple[dict[str, np.ndarray], int]]] = []  # snapshots waiting for it
         self.address: BrokerAddress | None = None
         self.embedded: EmbeddedBroker | None = None
         self.started = asyncio.Event()
@@ -289,30 +292,43 @@ class Gateway:
             self.stats.ingest_unacked = sum(n for _, _, n in self.unacked)
             if not batch:
                 return
-            now = time.time()
-            outcome = self._process_batch([(m.topic, m.payload) for m in batch], now,
-                                          [m.ahead for m in batch] if receiver.ahead is not None else None)
-            newest = outcome.newest
-            if newest is not None:
-                # how far behind the devices the gateway is: gateway time − the newest device time taken
-                self.stats.ingest_lag_s = max(0.0, now - newest)
-            if outcome.alerts:
-                # in the store before the readings are acknowledged: a crash loses no incident
-                await self.in_store(self.incidents.absorb, outcome.alerts, now)
-            if self.telemetry is not None:
-                self.telemetry.readings(list(outcome.readings()) if outcome.accepted_columns else outcome.accepted)
-                self.telemetry.alerts(outcome.alerts)
-            self._remember(outcome)
-            if outcome.alerts:  # changes made elsewhere (API, command line) are housekeeping's, every tick
-                # the incident updates are read from the store while the alerts await their PUBACKs
-                await asyncio.gather(self._publish(outcome, publisher, now), self._publish_incident_changes(publisher))
-            else:
-                await self._publish(outcome, publisher, now)
-            # acknowledged once a snapshot holds what these readings did (see _commit)
-            self.unacked.extend(receiver.pubacks(batch))
-            self.stats.publish_failures = publisher.failures
+            self._mid_batch = True  # from here the detectors hold what this batch did (see _commit)
+            try:
+                await self._process_one(batch, receiver, publisher)
+            finally:
+                self._mid_batch = False
+                if self._boundary:  # a snapshot waits for this moment
+                    taken = self._snapshot_arrays()
+                    for waiter in self._boundary:
+                        if not waiter.done():
+                            waiter.set_result(taken)
+                    self._boundary.clear()
             if not everything:
                 return
+
+    async def _process_one(self, batch: list[Inbound], receiver: Receiver, publisher: Publisher) -> None:
+        now = time.time()
+        outcome = self._process_batch([(m.topic, m.payload) for m in batch], now,
+                                      [m.ahead for m in batch] if receiver.ahead is not None else None)
+        newest = outcome.newest
+        if newest is not None:
+            # how far behind the devices the gateway is: gateway time − the newest device time taken
+            self.stats.ingest_lag_s = max(0.0, now - newest)
+        if outcome.alerts:
+            # in the store before the readings are acknowledged: a crash loses no incident
+            await self.in_store(self.incidents.absorb, outcome.alerts, now)
+        if self.telemetry is not None:
+            self.telemetry.readings(list(outcome.readings()) if outcome.accepted_columns else outcome.accepted)
+            self.telemetry.alerts(outcome.alerts)
+        self._remember(outcome)
+        if outcome.alerts:  # changes made elsewhere (API, command line) are housekeeping's, every tick
+            # the incident updates are read from the store while the alerts await their PUBACKs
+            await asyncio.gather(self._publish(outcome, publisher, now), self._publish_incident_changes(publisher))
+        else:
+            await self._publish(outcome, publisher, now)
+        # acknowledged once a snapshot holds what these readings did (see _commit)
+        self.unacked.extend(receiver.pubacks(batch))
+        self.stats.publish_failures = publisher.failures
 
     def _process_batch(self, messages: list[tuple[str, bytes]], now: float, ahead: list[Any] | None = None) -> Outcome:
         """The pipeline over a batch; if it fails, message by message (each decoded here), so that a
@@ -365,6 +381,10 @@ class Gateway:
         if out:
             await publisher.publish_many(out)
 
+    def _snapshot_arrays(self) -> tuple[dict[str, np.ndarray], int]:
+        """A copy of the detector state, and how many of the waiting acknowledgements it covers."""
+        return {k: v.copy() for k, v in self.pipeline.snapshot().items()}, len(self.unacked)
+
     async def _commit(self, receiver: Receiver) -> None:
         """Snapshot the detector state, then acknowledge the readings it includes.
 
@@ -372,8 +392,21 @@ class Gateway:
         whatever was not acknowledged is delivered again and replayed onto exactly the state it last
         saw (a group commit, one per snapshot interval; the broker's receive window covers the wait).
         """
-        covered = len(self.unacked)
-        arrays = {k: v.copy() for k, v in self.pipeline.snapshot().items()}
+        if self._mid_batch:
+            # A batch is between detection and its incidents' commit: a snapshot now would hold what it
+            # did while its readings stay unacknowledged, and after a crash they would come back as
+            # duplicates of readings "already seen", their alerts never committed nor published. The
+            # ingest loop takes the snapshot at the end of the batch; after a tick, try again later.
+            waiter = asyncio.get_running_loop().create_future()
+            self._boundary.append(waiter)
+            try:
+                arrays, covered = await asyncio.wait_for(asyncio.shield(waiter), BOUNDARY_WAIT_S)
+            except TimeoutError:
+                if waiter in self._boundary:
+                    self._boundary.remove(waiter)
+                return
+        else:
+            arrays, covered = self._snapshot_arrays()
         try:
             await asyncio.to_thread(self.write_snapshot, arrays)
         except OSError as exc:

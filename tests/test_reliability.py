@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -178,3 +179,41 @@ def test_under_overload_the_queue_stays_bounded_lag_shows_and_a_fire_overtakes_t
     assert gateway.stats.valid["meter"] == bulk, dict(gateway.stats.rejected)  # all processed: nothing dropped
     assert 0 < deepest <= config.broker.receive_maximum  # the broker's receive window bounds the queue
     assert gateway.stats.ingest_lag_s > 1  # the device times were old: the lag is visible
+
+
+def test_no_snapshot_holds_a_batch_whose_alerts_are_not_published_yet(config, run_gateway, mqtt, monkeypatch):
+    """A snapshot taken while a batch's alerts were still on their way out held what the batch did,
+    with its readings unacknowledged: after a crash they came back as duplicates of readings already
+    seen, and the alert was never published. Snapshots now wait for the end of the batch in hand."""
+    from gateway.service import Gateway
+
+    publishing = threading.Event()
+    publish, write = Gateway._publish, Gateway.write_snapshot
+    taken_while_publishing: list[bool] = []
+
+    async def slow_publish(self, outcome, publisher, now):  # a broker slow to acknowledge
+        if not outcome.alerts:
+            return await publish(self, outcome, publisher, now)
+        publishing.set()
+        try:
+            await asyncio.sleep(0.5)
+            return await publish(self, outcome, publisher, now)
+        finally:
+            publishing.clear()
+
+    def recording_write(self, arrays=None):
+        taken_while_publishing.append(publishing.is_set())
+        return write(self, arrays)
+
+    monkeypatch.setattr(Gateway, "_publish", slow_publish)
+    monkeypatch.setattr(Gateway, "write_snapshot", recording_write)
+    config.detection.snapshot_interval_s = 0.05
+    run_gateway(config)
+    alerts = mqtt([topics.ALERTS_FILTER])
+    device = mqtt()
+    device.publish(topics.telemetry("wangma", "meter", "mtr-wangma-002"), {"ts": time.time(), "seq": 1, "temp_c": 75.0})
+    alerts.wait_for(lambda topic, body: body.get("device_id") == "mtr-wangma-002" and body.get("event") == "raised",
+                    timeout_s=10)
+    time.sleep(0.3)
+    assert len(taken_while_publishing) >= 3  # snapshots went on before and after the batch
+    assert not any(taken_while_publishing)
