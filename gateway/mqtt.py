@@ -30,6 +30,11 @@ from gateway.config import BrokerAddress, BrokerConfig
 
 log = logging.getLogger("streetbrain.mqtt")
 URGENT = "/smoke/"  # the topic level of the kind whose messages are processed first
+# aiomqtt does not fail a publish whose connection dropped: it waits for a PUBACK that will not come
+# until its timeout. On loopback a healthy broker acknowledges in milliseconds even under our heaviest
+# load, so 2 s means the connection is gone: reconnect and publish again (a duplicate carries the same
+# alert id). It was 10 s, the whole of a broker restart's recovery in bench.soak (docs/RELIABILITY.md).
+PUBLISH_TIMEOUT_S = 2.0
 AHEAD_MIN_BYTES = 150  # no batch the typed decoder takes is shorter: 8 readings of {"ts":1700000000} are 158 bytes
 
 
@@ -462,7 +467,8 @@ class Publisher:
             if client is None:
                 continue
             results = await asyncio.gather(
-                *(client.publish(topic, payload, qos=1, retain=retain, timeout=10) for topic, payload in pending),
+                *(client.publish(topic, payload, qos=1, retain=retain, timeout=PUBLISH_TIMEOUT_S)
+                  for topic, payload in pending),
                 return_exceptions=True,
             )
             failed = [m for m, r in zip(pending, results) if isinstance(r, BaseException)]
