@@ -8,11 +8,16 @@ receiver's I/O thread offers each message that looks like a batch to this module
 hands what has piled up to a worker process (the second core) and attaches each result, the columns
 as arrays, to its waiting message. When the main thread takes a message it uses the result if it is
 there and decodes the message itself if it is not: it never waits for the worker. So the worker only
-ever adds throughput; a worker that is slow, dead or restarting costs nothing but itself, and a
-payload that crashes the parser crashes the worker, not the gateway. Everything else (topic, device,
+ever adds throughput; a worker that is slow, dead, hung or restarting costs nothing but its own work.
+(A payload that crashed the parser would crash the worker, and the main thread would then decode it
+itself: this isolates the worker's own failures, the OOM killer say, not the parser's.) Everything else (topic, device,
 rate limit, the batch's device_id, dead letters) stays on the main thread in arrival order, and the
 worker runs the same decoder as the main thread, so what is accepted and rejected does not depend on
 where a batch was decoded (tests/test_ahead.py).
+
+The worker is a ``multiprocessing`` "spawn" process (forking a threaded gateway is not safe): like every
+spawn child it imports the parent's main module, so a program that embeds :class:`gateway.service.Gateway`
+needs the usual ``if __name__ == "__main__":`` guard (``streetbrain`` and ``python -m gateway.cli`` have it).
 """
 
 from __future__ import annotations
@@ -36,12 +41,18 @@ REFUSED = "refused"  # the worker's decoder said "not a plain batch": the main t
 EXCHANGE_MAX = 512  # messages handed to the worker at once: results come back in time for the next drain
 GATHER_S = 0.001  # a few messages wait this long for company (one exchange costs ~0.1 ms of IPC)
 GATHER_MIN = 16
+OFFERED_MAX = 100_000  # messages offered and not yet looked at, beyond which offers are dropped (the
+#                        thread is stuck: the main thread decodes them, and nothing piles up here)
+EXCHANGE_TIMEOUT_S = 10.0  # a worker that has not answered 512 messages (~50 ms of work) by then is hung
 START_MIN = 16  # batches waiting at once that start the worker: a street's trickle never needs one
 RESTART_S = 5.0  # a dead worker is started again after this long; meanwhile the main thread decodes
 
 
 def _worker(conn: Any, max_readings: int) -> None:
     """The worker process: requests of (kind, payload) in, packed results out, until the pipe closes."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the gateway's to handle; it ends us
     from gateway.decode import READING_MODELS, TypedBatch, fast_reading
 
     typed = {kind: TypedBatch(kind, fast_reading(kind), max_readings) for kind in READING_MODELS}
@@ -120,11 +131,15 @@ class DecodeAhead:
         # kinds whose batches the typed decoder takes at all (the others go the JSON way anyway)
         self.kinds = {kind for kind in READING_MODELS if TypedBatch(kind, fast_reading(kind), max_readings).enabled}
         self._offers: queue.SimpleQueue[list[Inbound] | None] = queue.SimpleQueue()
+        self._offered = 0  # messages in _offers (under _count_lock: two threads change it)
+        self._count_lock = threading.Lock()
+        self.dropped = 0  # offers dropped because the thread was not taking them
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._conn: Any = None
         self._process: Any = None
         self._retry_at = 0.0
+        self._busy_since = 0.0  # when the exchange under way began (0: none)
         self.decoded = 0  # messages the worker decoded
         self.exchanges = 0
         self.starts = 0  # worker processes started (more than one: it died and was restarted)
@@ -133,11 +148,31 @@ class DecodeAhead:
     def start(self) -> DecodeAhead:
         self._thread = threading.Thread(target=self._run, name="decode-ahead", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._watch, name="decode-ahead-watchdog", daemon=True).start()
         return self
+
+    def _watch(self) -> None:
+        """Kill a worker that has not answered within EXCHANGE_TIMEOUT_S (stopped, swapping, stuck):
+        the exchange then fails like any other, and the worker is started again."""
+        while not self._stopping:
+            time.sleep(min(1.0, EXCHANGE_TIMEOUT_S / 2))
+            since, process = self._busy_since, self._process
+            if since and process is not None and time.monotonic() - since > EXCHANGE_TIMEOUT_S:
+                log.warning("decode worker gave no answer in %.0f s; killing it", EXCHANGE_TIMEOUT_S)
+                process.kill()
 
     def offer(self, messages: list[Inbound]) -> None:
         """From the receiver's I/O thread: messages just queued for the main thread."""
+        with self._count_lock:
+            if self._offered > OFFERED_MAX:
+                self.dropped += len(messages)
+                return
+            self._offered += len(messages)
         self._offers.put(messages)
+
+    def _took(self, messages: list[Inbound]) -> None:
+        with self._count_lock:
+            self._offered -= len(messages)
 
     def stop(self) -> None:
         self._stopping = True
@@ -152,19 +187,32 @@ class DecodeAhead:
     # -- the thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopping:
-            offered = self._offers.get()
-            if offered is None:
-                return
-            jobs = self._candidates(offered, [])
-            if len(jobs) < GATHER_MIN:
-                time.sleep(GATHER_S)
-            if not self._gather(jobs):
-                return
-            while jobs and not self._stopping:
-                taken = [m for m in jobs[:EXCHANGE_MAX] if not m.claimed]  # the main thread took the rest
-                del jobs[:EXCHANGE_MAX]
-                if taken and (self._conn is not None or len(taken) >= START_MIN) and self._ensure_worker():
-                    self._exchange(taken)
+            try:
+                if not self._round():
+                    return
+            except Exception:  # a bug here must not stop decode-ahead for good (nor let offers pile up)
+                self.failures += 1
+                log.exception("decode-ahead failed; the main thread decodes while it starts again")
+                self._end_worker()
+                self._retry_at = time.monotonic() + RESTART_S
+
+    def _round(self) -> bool:
+        """Take what has been offered and have the worker decode it; False when told to stop."""
+        offered = self._offers.get()
+        if offered is None:
+            return False
+        self._took(offered)
+        jobs = self._candidates(offered, [])
+        if len(jobs) < GATHER_MIN:
+            time.sleep(GATHER_S)
+        if not self._gather(jobs):
+            return False
+        while jobs and not self._stopping:
+            taken = [m for m in jobs[:EXCHANGE_MAX] if not m.claimed]  # the main thread took the rest
+            del jobs[:EXCHANGE_MAX]
+            if taken and (self._conn is not None or len(taken) >= START_MIN) and self._ensure_worker():
+                self._exchange(taken)
+        return True
 
     def _gather(self, jobs: list[Inbound]) -> bool:
         """Add whatever else has been offered meanwhile; False when told to stop."""
@@ -175,6 +223,7 @@ class DecodeAhead:
                 return True
             if more is None:
                 return False
+            self._took(more)
             self._candidates(more, jobs)
 
     def _candidates(self, messages: list[Inbound], into: list[Inbound]) -> list[Inbound]:
@@ -187,6 +236,7 @@ class DecodeAhead:
 
     def _exchange(self, messages: list[Inbound]) -> None:
         request = pickle.dumps([(m.topic.split("/", 3)[2], m.payload) for m in messages], protocol=5)
+        self._busy_since = time.monotonic()  # a hung worker blocks even the send: the watchdog kills it
         try:
             self._conn.send_bytes(request)
             results = unpack(self._conn.recv_bytes())
@@ -198,6 +248,8 @@ class DecodeAhead:
             self._end_worker()
             self._retry_at = time.monotonic() + RESTART_S
             return
+        finally:
+            self._busy_since = 0.0
         self.exchanges += 1
         for message, result in zip(messages, results):
             if result is not None:
@@ -210,7 +262,13 @@ class DecodeAhead:
         if self._stopping or time.monotonic() < self._retry_at:
             return False
         ctx = mp.get_context("spawn")  # a fresh interpreter: forking a threaded gateway is not safe
-        parent, child = ctx.Pipe()
+        try:
+            parent, child = ctx.Pipe()
+        except OSError as exc:  # out of file descriptors
+            self.failures += 1
+            log.warning("decode worker not started (%s); the main thread decodes", exc)
+            self._retry_at = time.monotonic() + RESTART_S
+            return False
         process = ctx.Process(target=_worker, args=(child, self.max_readings), name="streetbrain-decode", daemon=True)
         try:
             process.start()
@@ -242,4 +300,4 @@ class DecodeAhead:
 
     def state(self) -> dict[str, float]:
         return {"decoded": self.decoded, "exchanges": self.exchanges, "starts": self.starts,
-                "failures": self.failures, "running": float(self._process is not None)}
+                "failures": self.failures, "dropped": self.dropped, "running": float(self._process is not None)}

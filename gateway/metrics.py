@@ -104,7 +104,11 @@ class Stats(Collector):
             failures.add_metric([], state["failures"])
             running = GaugeMetricFamily("streetbrain_decode_worker_running", "1 while a decode-ahead worker runs")
             running.add_metric([], state["running"])
-            yield from (starts, failures, running)
+            dropped = CounterMetricFamily("streetbrain_decode_ahead_dropped",
+                                          "Messages not offered to decode-ahead because its thread was not "
+                                          "taking them (decoded by the main thread instead)")
+            dropped.add_metric([], state["dropped"])
+            yield from (starts, failures, running, dropped)
         if self.replaying:
             replays = CounterMetricFamily("streetbrain_replays", "Series set back and replayed for a late reading",
                                           labels=["kind"])

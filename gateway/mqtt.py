@@ -31,11 +31,20 @@ from gateway.config import BrokerAddress, BrokerConfig
 log = logging.getLogger("streetbrain.mqtt")
 URGENT = "/smoke/"  # the topic level of the kind whose messages are processed first
 # aiomqtt does not fail a publish whose connection dropped: it waits for a PUBACK that will not come
-# until its timeout. On loopback a healthy broker acknowledges in milliseconds even under our heaviest
-# load, so 2 s means the connection is gone: reconnect and publish again (a duplicate carries the same
-# alert id). It was 10 s, the whole of a broker restart's recovery in bench.soak (docs/RELIABILITY.md).
+# until its timeout, and the timer starts when publish() is called, not when paho sends the message.
+# A broker acknowledges a few alerts within milliseconds, so 2 s for a handful means the connection is
+# gone: reconnect and publish again (a duplicate carries the same alert id). It was 10 s, the whole of
+# a broker restart's recovery in bench.soak (docs/RELIABILITY.md). A burst gets 2 ms more a message
+# (thousands of dead letters from a fleet not in the registry: 10,000 publishes of 1.5 KB took 5 s on
+# loopback, the Python side being the limit; a remote broker at 20 ms round trip with PUBLISH_INFLIGHT
+# messages in flight adds ~0.02 ms a message).
 PUBLISH_TIMEOUT_S = 2.0
-AHEAD_MIN_BYTES = 150  # no batch the typed decoder takes is shorter: 8 readings of {"ts":1700000000} are 158 bytes
+PUBLISH_TIMEOUT_PER_MESSAGE_S = 0.002
+PUBLISH_INFLIGHT = 1000  # unacknowledged QoS 1 publishes on the wire (paho's default of 20 paced bursts)
+# Smaller messages are decoded on the main thread: a batch of ~20 readings or fewer decodes there in
+# ~15 µs, about what shipping it to the worker and back costs (a review's A/B at 10 readings a message
+# was inconclusive, with the latency worse with the worker)
+AHEAD_MIN_BYTES = 2048
 
 
 def _tls_context(config: BrokerConfig) -> ssl.SSLContext | None:
@@ -432,6 +441,7 @@ class Publisher:
                 username=self.config.username,
                 password=self.config.password.get_secret_value() if self.config.password else None,
                 protocol=aiomqtt.ProtocolVersion.V5, keepalive=self.config.keepalive_s,
+                max_inflight_messages=PUBLISH_INFLIGHT,
                 tls_context=_tls_context(self.config) if (self.config.tls or self.address.tls) else None,
             )
             try:
@@ -466,9 +476,9 @@ class Publisher:
             client = self.client
             if client is None:
                 continue
+            timeout = PUBLISH_TIMEOUT_S + PUBLISH_TIMEOUT_PER_MESSAGE_S * len(pending)
             results = await asyncio.gather(
-                *(client.publish(topic, payload, qos=1, retain=retain, timeout=PUBLISH_TIMEOUT_S)
-                  for topic, payload in pending),
+                *(client.publish(topic, payload, qos=1, retain=retain, timeout=timeout) for topic, payload in pending),
                 return_exceptions=True,
             )
             failed = [m for m, r in zip(pending, results) if isinstance(r, BaseException)]

@@ -130,6 +130,8 @@ class Gateway:
         self.recent_depth = recent_readings_depth(sum(len(s) for s in self.registry.series.values()))
         self._poke: asyncio.Event | None = None
         self._mid_batch = False  # the ingest loop is between a batch's detection and its acknowledgements
+        self._state_unsafe = False  # a batch failed mid-way: the detector state is no record any more
+        self._commit_lock = asyncio.Lock()
         self._boundary: list[asyncio.Future[tuple[dict[str, np.ndarray], int]]] = []  # snapshots waiting for it
         self.address: BrokerAddress | None = None
         self.embedded: EmbeddedBroker | None = None
@@ -245,9 +247,9 @@ class Gateway:
             receiver.pause()
             try:
                 await asyncio.wait_for(self._process(receiver, publisher, everything=True), SHUTDOWN_FLUSH_S)
-            except TimeoutError:
-                log.error("shutdown: could not publish the last alerts within %.0f s; "
-                          "the broker redelivers their readings on restart", SHUTDOWN_FLUSH_S)
+            except TimeoutError:  # the batch in hand was cancelled: _process marks the state unsafe
+                log.error("shutdown: could not publish the last alerts within %.0f s; the broker redelivers "
+                          "their readings on restart (no last snapshot)", SHUTDOWN_FLUSH_S)
             await self._commit(receiver)  # the last snapshot, then the last acknowledgements
             await asyncio.to_thread(receiver.stop)
             if ahead is not None:
@@ -293,12 +295,21 @@ class Gateway:
             if not batch:
                 return
             self._mid_batch = True  # from here the detectors hold what this batch did (see _commit)
+            completed = False
             try:
                 await self._process_one(batch, receiver, publisher)
+                completed = True
             finally:
                 self._mid_batch = False
+                if not completed and not self._state_unsafe:
+                    # Its readings are in the detectors, its alerts perhaps neither committed nor
+                    # published: a snapshot from now on would make their redelivery look like duplicates.
+                    self._state_unsafe = True
+                    log.error("a batch did not complete: no more snapshots or acknowledgements from this "
+                              "process; after a restart the broker redelivers everything since the last "
+                              "snapshot, which is replayed onto it")
                 if self._boundary:  # a snapshot waits for this moment
-                    taken = self._snapshot_arrays()
+                    taken = None if self._state_unsafe else self._snapshot_arrays()
                     for waiter in self._boundary:
                         if not waiter.done():
                             waiter.set_result(taken)
@@ -316,7 +327,7 @@ class Gateway:
             self.stats.ingest_lag_s = max(0.0, now - newest)
         if outcome.alerts:
             # in the store before the readings are acknowledged: a crash loses no incident
-            await self.in_store(self.incidents.absorb, outcome.alerts, now)
+            await self._absorb(outcome.alerts, now)
         if self.telemetry is not None:
             self.telemetry.readings(list(outcome.readings()) if outcome.accepted_columns else outcome.accepted)
             self.telemetry.alerts(outcome.alerts)
@@ -329,6 +340,22 @@ class Gateway:
         # acknowledged once a snapshot holds what these readings did (see _commit)
         self.unacked.extend(receiver.pubacks(batch))
         self.stats.publish_failures = publisher.failures
+
+    async def _absorb(self, alerts: list[Any], now: float) -> None:
+        """Into the incident store, however long the store is away: the batch (and the ingest) waits
+        rather than lose its alerts (a failed transaction committed nothing; a repeat of one that did
+        commit is recognised by the store's unique index on alert id, event and device time)."""
+        delay = 0.5
+        while True:
+            try:
+                await self.in_store(self.incidents.absorb, alerts, now)
+                return
+            except Exception as exc:  # the database is down, full, locked…
+                self.stats.pipeline_errors += 1
+                log.error("incident store write failed (%s); the batch waits and tries again in %.1f s",
+                          exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     def _process_batch(self, messages: list[tuple[str, bytes]], now: float, ahead: list[Any] | None = None) -> Outcome:
         """The pipeline over a batch; if it fails, message by message (each decoded here), so that a
@@ -392,19 +419,29 @@ class Gateway:
         whatever was not acknowledged is delivered again and replayed onto exactly the state it last
         saw (a group commit, one per snapshot interval; the broker's receive window covers the wait).
         """
+        async with self._commit_lock:  # one at a time: the shutdown's may follow housekeeping's at once
+            await self._commit_now(receiver)
+
+    async def _commit_now(self, receiver: Receiver) -> None:
+        if self._state_unsafe:
+            return
         if self._mid_batch:
             # A batch is between detection and its incidents' commit: a snapshot now would hold what it
             # did while its readings stay unacknowledged, and after a crash they would come back as
             # duplicates of readings "already seen", their alerts never committed nor published. The
-            # ingest loop takes the snapshot at the end of the batch; after a tick, try again later.
+            # ingest loop takes the snapshot at the end of the batch; give it a second, else the next
+            # snapshot interval tries again.
             waiter = asyncio.get_running_loop().create_future()
             self._boundary.append(waiter)
             try:
-                arrays, covered = await asyncio.wait_for(asyncio.shield(waiter), BOUNDARY_WAIT_S)
+                taken = await asyncio.wait_for(asyncio.shield(waiter), BOUNDARY_WAIT_S)
             except TimeoutError:
                 if waiter in self._boundary:
                     self._boundary.remove(waiter)
                 return
+            if taken is None:  # the batch did not complete
+                return
+            arrays, covered = taken
         else:
             arrays, covered = self._snapshot_arrays()
         try:

@@ -224,3 +224,32 @@ def test_bursts_of_batches_through_the_gateway_lose_nothing(config, run_gateway,
                for where in ("here", "ahead") if line.startswith(f'streetbrain_batch_decodes_total{{where="{where}"}}')}
     assert sum(decodes.values()) == 3 * len(meters)
     assert ("streetbrain_decode_worker_starts_total" in text) == decode_ahead
+
+
+def test_a_hung_worker_is_replaced_and_offers_never_pile_up(street, monkeypatch):
+    import os
+    import signal
+
+    monkeypatch.setattr(ahead_module, "EXCHANGE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(ahead_module, "RESTART_S", 0.2)
+    _, registry, worker = street
+    first = _inbound(_messages(registry, random.Random(7)))
+    worker.offer(first)
+    _wait_decoded(first)
+    os.kill(worker._process.pid, signal.SIGSTOP)  # hung: alive, answering nothing
+    stuck = _inbound(_messages(registry, random.Random(8)))
+    worker.offer(stuck)
+    deadline = time.monotonic() + 10
+    while worker.state()["starts"] < 2 and time.monotonic() < deadline:
+        worker.offer(_inbound(_messages(registry, random.Random(9))))
+        time.sleep(0.2)
+    assert worker.state()["failures"] == 1 and worker.state()["starts"] == 2
+    again = _inbound(_messages(registry, random.Random(10)))
+    worker.offer(again)
+    _wait_decoded(again)
+    assert all(m.ahead is not None for m in again if b'"readings"' in m.payload)
+    monkeypatch.setattr(ahead_module, "OFFERED_MAX", 10)  # a thread that takes nothing: offers are dropped
+    worker._offered = 11
+    worker.offer(_inbound(_messages(registry, random.Random(11))))
+    assert worker.state()["dropped"] > 0
+    worker._offered = 0

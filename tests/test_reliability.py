@@ -217,3 +217,106 @@ def test_no_snapshot_holds_a_batch_whose_alerts_are_not_published_yet(config, ru
     time.sleep(0.3)
     assert len(taken_while_publishing) >= 3  # snapshots went on before and after the batch
     assert not any(taken_while_publishing)
+
+
+def test_a_stop_during_a_batch_writes_one_snapshot_at_a_time(config, run_gateway, mqtt, monkeypatch):
+    """Housekeeping's snapshot, released at the end of the batch in hand, and the shutdown's last one
+    wrote the same file at once ("could not write the detector snapshot", or a torn file)."""
+    from gateway.service import Gateway
+
+    publish, write = Gateway._publish, Gateway.write_snapshot
+    inside, overlaps, errors = [0], [], []
+    lock = threading.Lock()
+    publishing = threading.Event()
+
+    async def slow_publish(self, outcome, publisher, now):
+        if outcome.alerts:
+            publishing.set()
+            await asyncio.sleep(0.6)
+        return await publish(self, outcome, publisher, now)
+
+    def recording_write(self, arrays=None):
+        with lock:
+            inside[0] += 1
+            overlaps.append(inside[0] > 1)
+        try:
+            time.sleep(0.05)  # the fsync of a city's snapshot takes longer than this
+            return write(self, arrays)
+        except OSError as exc:
+            errors.append(repr(exc))
+            raise
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(Gateway, "_publish", slow_publish)
+    monkeypatch.setattr(Gateway, "write_snapshot", recording_write)
+    config.detection.snapshot_interval_s = 0.05
+    gateway = run_gateway(config)
+    device = mqtt()
+    device.publish(topics.telemetry("wangma", "meter", "mtr-wangma-002"), {"ts": time.time(), "seq": 1, "temp_c": 75.0})
+    assert publishing.wait(5)
+    time.sleep(0.2)  # housekeeping's snapshot now waits for the end of the batch
+    gateway.stop()  # while the batch's alert awaits its PUBACK
+    assert len(overlaps) >= 2 and not any(overlaps) and not errors
+
+
+def test_a_batch_cut_short_at_shutdown_leaves_no_snapshot_that_holds_it(config, run_gateway, mqtt, monkeypatch):
+    """A stop that cannot finish the batch in hand (its alert never acknowledged) must not write a last
+    snapshot holding that batch: its readings would come back as duplicates and the alert never go out."""
+    from gateway import service
+    from gateway.service import Gateway
+
+    publish, write = Gateway._publish, Gateway.write_snapshot
+    publishing, writes = threading.Event(), []
+
+    async def stuck_publish(self, outcome, publisher, now):
+        if outcome.alerts:
+            publishing.set()
+            await asyncio.sleep(3600)  # a broker that never acknowledges
+        return await publish(self, outcome, publisher, now)
+
+    def recording_write(self, arrays=None):
+        writes.append(publishing.is_set())
+        return write(self, arrays)
+
+    monkeypatch.setattr(service, "SHUTDOWN_FLUSH_S", 0.5)
+    monkeypatch.setattr(Gateway, "_publish", stuck_publish)
+    monkeypatch.setattr(Gateway, "write_snapshot", recording_write)
+    config.detection.snapshot_interval_s = 0.05
+    gateway = run_gateway(config)
+    device = mqtt()
+    time.sleep(0.3)  # a few snapshots first
+    device.publish(topics.telemetry("wangma", "meter", "mtr-wangma-002"), {"ts": time.time(), "seq": 1, "temp_c": 75.0})
+    assert publishing.wait(5)
+    time.sleep(0.3)
+    gateway.stop()
+    assert writes and not any(writes)  # snapshots before the batch, none after it began
+
+
+def test_an_incident_store_that_fails_a_write_holds_the_batch_until_it_is_stored(config, run_gateway, mqtt, monkeypatch):
+    """A failed incident write used to fail the batch: its readings were in the detectors, so the alert
+    was never stored nor published, and every later snapshot held them. The batch now waits for the store."""
+    from gateway.incidents.queue import IncidentQueue
+
+    absorb, failures = IncidentQueue.absorb, []
+
+    def flaky_absorb(self, *args, **kwargs):
+        if len(failures) < 2:
+            failures.append(time.monotonic())
+            raise OSError("disk I/O error")  # as sqlite3 or psycopg would say it
+        return absorb(self, *args, **kwargs)
+
+    monkeypatch.setattr(IncidentQueue, "absorb", flaky_absorb)
+    gateway = run_gateway(config)
+    alerts = mqtt([topics.ALERTS_FILTER])
+    device = mqtt()
+    device.publish(topics.telemetry("wangma", "meter", "mtr-wangma-002"), {"ts": time.time(), "seq": 1, "temp_c": 75.0})
+    alerts.wait_for(lambda topic, body: body.get("device_id") == "mtr-wangma-002" and body.get("event") == "raised",
+                    timeout_s=10)
+    assert len(failures) == 2 and not gateway.gateway._state_unsafe
+    time.sleep(0.2)
+    db = Database(config.incidents.url)
+    row = db.fetchone("SELECT count(*) AS n FROM incidents WHERE device_id = ?", ("mtr-wangma-002",))
+    db.close()
+    assert row is not None and row["n"] == 1
