@@ -28,6 +28,7 @@ import pickle
 import queue
 import threading
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,6 +40,7 @@ log = logging.getLogger("streetbrain.ahead")
 
 REFUSED = "refused"  # the worker's decoder said "not a plain batch": the main thread goes to the JSON path
 EXCHANGE_MAX = 512  # messages handed to the worker at once: results come back in time for the next drain
+AHEAD_MAX = 4096  # decoded messages not yet taken by the main thread (about one drain, gateway batch_max)
 GATHER_S = 0.001  # a few messages wait this long for company (one exchange costs ~0.1 ms of IPC)
 GATHER_MIN = 16
 OFFERED_MAX = 100_000  # messages offered and not yet looked at, beyond which offers are dropped (the
@@ -140,6 +142,7 @@ class DecodeAhead:
         self._process: Any = None
         self._retry_at = 0.0
         self._busy_since = 0.0  # when the exchange under way began (0: none)
+        self._waiting: deque[Inbound] = deque()  # decoded, in arrival order, not yet all taken
         self.decoded = 0  # messages the worker decoded
         self.exchanges = 0
         self.starts = 0  # worker processes started (more than one: it died and was restarted)
@@ -208,11 +211,24 @@ class DecodeAhead:
         if not self._gather(jobs):
             return False
         while jobs and not self._stopping:
+            self._keep_pace()
             taken = [m for m in jobs[:EXCHANGE_MAX] if not m.claimed]  # the main thread took the rest
             del jobs[:EXCHANGE_MAX]
             if taken and (self._conn is not None or len(taken) >= START_MIN) and self._ensure_worker():
                 self._exchange(taken)
         return True
+
+    def _keep_pace(self) -> None:
+        """Wait while AHEAD_MAX decoded messages are still waiting for the main thread: decoding a
+        backlog of the whole receive window at once would hold its columns too (~6 KB a 100-reading
+        message on top of its 10 KB), for messages the main thread reaches only much later."""
+        waiting = self._waiting
+        while waiting and waiting[0].claimed:
+            waiting.popleft()
+        while len(waiting) >= AHEAD_MAX and not self._stopping:
+            time.sleep(0.002)
+            while waiting and waiting[0].claimed:
+                waiting.popleft()
 
     def _gather(self, jobs: list[Inbound]) -> bool:
         """Add whatever else has been offered meanwhile; False when told to stop."""
@@ -255,6 +271,7 @@ class DecodeAhead:
             if result is not None:
                 message.ahead = result
                 self.decoded += 1
+        self._waiting.extend(messages)
 
     def _ensure_worker(self) -> bool:
         if self._conn is not None:

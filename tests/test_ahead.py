@@ -253,3 +253,29 @@ def test_a_hung_worker_is_replaced_and_offers_never_pile_up(street, monkeypatch)
     worker.offer(_inbound(_messages(registry, random.Random(11))))
     assert worker.state()["dropped"] > 0
     worker._offered = 0
+
+
+def test_the_worker_keeps_at_most_ahead_max_decoded_messages_waiting(street, monkeypatch):
+    """A backlog of the whole receive window is decoded a drain ahead of the main thread, not all at
+    once (its columns would double the backlog's memory)."""
+    monkeypatch.setattr(ahead_module, "AHEAD_MAX", 40)
+    monkeypatch.setattr(ahead_module, "EXCHANGE_MAX", 16)
+    _, registry, worker = street
+    backlog = _inbound([m for seed in range(20, 25) for m in _messages(registry, random.Random(seed))])
+    batches = [m for m in backlog if b'"readings"' in m.payload and m.topic.endswith("/telemetry")]
+    worker.offer(backlog)
+    deadline = time.monotonic() + 30
+    while sum(m.ahead is not None for m in batches) < 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    decoded = sum(m.ahead is not None for m in batches)
+    assert 40 <= decoded < 40 + ahead_module.EXCHANGE_MAX and decoded < len(batches)
+    for m in backlog:  # the main thread takes them all
+        m.claimed = True
+    time.sleep(0.3)
+    fresh = _inbound(_messages(registry, random.Random(30)))
+    worker.offer(fresh)  # and the worker goes on, as far as AHEAD_MAX again
+    deadline = time.monotonic() + 30
+    while sum(m.ahead is not None for m in fresh) < 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sum(m.ahead is not None for m in fresh) >= 40
