@@ -627,7 +627,7 @@ def main() -> None:
                         help="offered messages/s with 1 reading per message")
     parser.add_argument("--steps-10", default="1000,2000,4000,6000,8000,10000,14000",
                         help="offered messages/s with 10 readings per message")
-    parser.add_argument("--steps-100", default="250,500,1000,1500,2000,3000,5000",
+    parser.add_argument("--steps-100", default="1000,2000,3000,4000,5000,6000,7000",
                         help="offered messages/s with 100 readings per message")
     parser.add_argument("--no-decode-ahead", action="store_true",
                         help="the gateway decodes every batch on its main thread (ingest.decode_ahead: false)")
