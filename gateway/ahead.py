@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from gateway.decode import Decoder
     from gateway.mqtt import Inbound
 
 log = logging.getLogger("streetbrain.ahead")
@@ -125,13 +126,17 @@ class DecodeAhead:
     """The thread that feeds the worker process, and the worker's life (started on the first batch,
     restarted after it dies)."""
 
-    def __init__(self, max_readings: int, max_payload_bytes: int):
-        from gateway.decode import READING_MODELS, TypedBatch, fast_reading
+    # Smaller messages are decoded on the main thread: a batch of ~20 readings or fewer decodes there in
+    # ~15 µs, about what shipping it to the worker and back costs (a review's A/B at 10 readings a
+    # message was inconclusive, with the latency worse with the worker). The receiver offers no less.
+    MIN_BYTES = 2048
 
-        self.max_readings = max_readings
-        self.max_payload_bytes = max_payload_bytes
-        # kinds whose batches the typed decoder takes at all (the others go the JSON way anyway)
-        self.kinds = {kind for kind in READING_MODELS if TypedBatch(kind, fast_reading(kind), max_readings).enabled}
+    def __init__(self, decoder: Decoder):
+        """Feeding ``decoder``'s batches: its limits, and the kinds its typed decoder takes at all (the
+        others go the JSON way anyway)."""
+        self.max_readings = decoder.limits.max_readings_per_message
+        self.max_payload_bytes = decoder.limits.max_payload_bytes
+        self.kinds = {kind for kind, typed in decoder.typed.items() if typed.enabled}
         self._offers: queue.SimpleQueue[list[Inbound] | None] = queue.SimpleQueue()
         self._offered = 0  # messages in _offers (under _count_lock: two threads change it)
         self._count_lock = threading.Lock()

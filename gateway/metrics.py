@@ -97,18 +97,17 @@ class Stats(Collector):
         yield decodes
         if self.decode_ahead is not None:
             state = self.decode_ahead.state()
-            starts = CounterMetricFamily("streetbrain_decode_worker_starts", "Decode-ahead worker processes started")
-            starts.add_metric([], state["starts"])
-            failures = CounterMetricFamily("streetbrain_decode_worker_failures",
-                                           "Decode-ahead workers that died or did not start (the main thread decodes)")
-            failures.add_metric([], state["failures"])
-            running = GaugeMetricFamily("streetbrain_decode_worker_running", "1 while a decode-ahead worker runs")
-            running.add_metric([], state["running"])
-            dropped = CounterMetricFamily("streetbrain_decode_ahead_dropped",
-                                          "Messages not offered to decode-ahead because its thread was not "
-                                          "taking them (decoded by the main thread instead)")
-            dropped.add_metric([], state["dropped"])
-            yield from (starts, failures, running, dropped)
+            for family, name, key, text in (
+                    (CounterMetricFamily, "decode_worker_starts", "starts", "Decode-ahead worker processes started"),
+                    (CounterMetricFamily, "decode_worker_failures", "failures",
+                     "Decode-ahead workers that died or did not start (the main thread decodes)"),
+                    (GaugeMetricFamily, "decode_worker_running", "running", "1 while a decode-ahead worker runs"),
+                    (CounterMetricFamily, "decode_ahead_dropped", "dropped",
+                     "Messages not offered to decode-ahead because its thread was not taking them (decoded by "
+                     "the main thread instead)")):
+                metric = family(f"streetbrain_{name}", text)
+                metric.add_metric([], state[key])
+                yield metric
         if self.replaying:
             replays = CounterMetricFamily("streetbrain_replays", "Series set back and replayed for a late reading",
                                           labels=["kind"])

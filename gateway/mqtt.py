@@ -41,10 +41,6 @@ URGENT = "/smoke/"  # the topic level of the kind whose messages are processed f
 PUBLISH_TIMEOUT_S = 2.0
 PUBLISH_TIMEOUT_PER_MESSAGE_S = 0.002
 PUBLISH_INFLIGHT = 1000  # unacknowledged QoS 1 publishes on the wire (paho's default of 20 paced bursts)
-# Smaller messages are decoded on the main thread: a batch of ~20 readings or fewer decodes there in
-# ~15 µs, about what shipping it to the worker and back costs (a review's A/B at 10 readings a message
-# was inconclusive, with the latency worse with the worker)
-AHEAD_MIN_BYTES = 2048
 
 
 def _tls_context(config: BrokerConfig) -> ssl.SSLContext | None:
@@ -326,6 +322,7 @@ class Receiver:
     def _handle(self, frames: list[tuple[int, bytes, int, int]], generation: int) -> None:
         taken = False
         bulk: list[Inbound] = []
+        least = self.ahead.MIN_BYTES if self.ahead is not None else 1 << 62  # offered to decode-ahead
         for first, data, start, end in frames:
             kind = first >> 4
             if kind == 3:
@@ -336,7 +333,7 @@ class Receiver:
                         self.urgent.append(inbound)
                     else:
                         self.buffer.append(inbound)
-                        if len(payload) >= AHEAD_MIN_BYTES:
+                        if len(payload) >= least:
                             bulk.append(inbound)
                     taken = True
             elif kind == 9:  # SUBACK: one reason code per filter, after the packet id and properties

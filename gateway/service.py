@@ -210,7 +210,7 @@ class Gateway:
         publisher = Publisher(self.config.broker, self.address)
         ahead = None
         if self.config.ingest.decode_ahead:
-            ahead = DecodeAhead(self.config.ingest.max_readings_per_message, self.config.ingest.max_payload_bytes).start()
+            ahead = DecodeAhead(self.pipeline.decoder).start()
             self.stats.decode_ahead = ahead
         receiver = Receiver(self.config.broker, self.address, [topics.TELEMETRY_FILTER, topics.STATUS_FILTER],
                             loop, wake, ahead)

@@ -99,8 +99,9 @@ def street(street_config):
     """The street's config and registry, and a decode-ahead thread (its worker not started yet)."""
     config = street_config.model_copy(deep=True)
     config.ingest.device_rate_per_s = 0
-    worker = DecodeAhead(config.ingest.max_readings_per_message, config.ingest.max_payload_bytes).start()
-    yield config, Registry.from_config(config), worker
+    registry = Registry.from_config(config)
+    worker = DecodeAhead(Decoder(config, registry)).start()
+    yield config, registry, worker
     worker.stop()
 
 
