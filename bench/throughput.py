@@ -338,7 +338,8 @@ def bench_registry(work: Path, count: int) -> tuple[Path, list[tuple[str, str]]]
 class GatewayProcess:
     """``streetbrain run`` in a process of its own, on the bench broker, read through /metrics and /proc."""
 
-    def __init__(self, work: Path, broker_url: str, registry: Path, name: str, decode_ahead: bool = True):
+    def __init__(self, work: Path, broker_url: str, registry: Path, name: str, decode_ahead: bool = True,
+                 ingest: dict[str, Any] | None = None):
         self.work = work / name
         self.work.mkdir(parents=True)
         path = write_config(self.work, broker_url)
@@ -351,6 +352,7 @@ class GatewayProcess:
         data["api"]["listen"] = f"127.0.0.1:{self.api_port}"
         data["ingest"]["device_rate_per_s"] = 10  # the shipped limits stay on: part of the work measured
         data["ingest"]["decode_ahead"] = decode_ahead
+        data["ingest"].update(ingest or {})
         path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
         self.log = self.work / "gateway.log"
         self.log.write_bytes(b"")

@@ -232,8 +232,14 @@ class IngestConfig(Section):
     max_future_s: float = Field(default=300.0, ge=0, description="device clocks may run this far ahead")
     auto_register: bool = Field(default=False, description="accept devices that are not in the registry")
     batch_max: int = Field(default=5000, ge=1, description="messages handed to detection at once")
+    batch_max_bytes: int = Field(default=4 * 2**20, ge=1024, description="payload bytes handed to detection "
+                                 "at once: a batch of 100-reading messages is done within ~0.1 s, and a fire that "
+                                 "arrives meanwhile waits no longer than that")
     decode_ahead: bool = Field(default=True, description="decode {\"readings\": [...]} batches in a second "
                                "process while they wait in the receive buffer (started on the first batch)")
+    smoke_hint_lane: bool = Field(default=True, description="smoke detectors' telemetry also comes by a clean "
+                                  "QoS 0 connection of its own, taken first, so that a fire does not wait in the "
+                                  "broker behind bulk telemetry (gateway/hints.py)")
     device_rate_per_s: float = Field(default=10.0, ge=0, description="messages a device may send per second "
                                      "on average (a batch is one message); 0: no limit")
     device_burst: int = Field(default=100, ge=1, description="messages a device may send at once")

@@ -31,6 +31,8 @@ class Stats(Collector):
         self.telemetry: Any = None  # the telemetry sink, when a store is configured
         self.batch_decodes: Counter[str] = Counter()  # here | ahead → batch messages decoded where
         self.decode_ahead: Any = None  # gateway.ahead.DecodeAhead, when on
+        self.twins: Any = None  # gateway.hints.Twins, when the smoke hint lane is on
+        self.hint_lane: Any = None  # its Receiver
         self.replaying: dict[str, Any] = {}  # kind → its ReplayingEngine (rules/replay.py), when late readings replay
 
     def snapshot(self) -> dict[str, dict[str, int]]:
@@ -108,6 +110,23 @@ class Stats(Collector):
                 metric = family(f"streetbrain_{name}", text)
                 metric.add_metric([], state[key])
                 yield metric
+        if self.twins is not None:
+            hints = CounterMetricFamily("streetbrain_smoke_hints",
+                                        "Smoke telemetry by the hint lane and the bulk session (gateway/hints.py): "
+                                        "which copy came first, twins skipped, bulk statuses that yielded to a "
+                                        "reading the lane brought first, copies forgotten unpaired", labels=["event"])
+            for event, n in self.twins.counts.items():
+                hints.add_metric([event], n)
+            yield hints
+            state = self.twins.state()
+            for name, text in (("waiting", "Smoke telemetry copies waiting for their twin"),
+                               ("hints_ahead", "Hints processed whose bulk copy has not come yet")):
+                gauge = GaugeMetricFamily(f"streetbrain_smoke_hints_{name}", text)
+                gauge.add_metric([], state[name])
+                yield gauge
+            connected = GaugeMetricFamily("streetbrain_smoke_hint_lane_connected", "1 while the hint lane is connected")
+            connected.add_metric([], int(self.hint_lane is not None and self.hint_lane.connected.is_set()))
+            yield connected
         if self.replaying:
             replays = CounterMetricFamily("streetbrain_replays", "Series set back and replayed for a late reading",
                                           labels=["kind"])

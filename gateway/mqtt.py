@@ -26,10 +26,11 @@ from typing import Any
 
 import aiomqtt
 
+from gateway import topics
 from gateway.config import BrokerAddress, BrokerConfig
 
 log = logging.getLogger("streetbrain.mqtt")
-URGENT = "/smoke/"  # the topic level of the kind whose messages are processed first
+URGENT = topics.SMOKE_MARK  # the topic level of the kind whose messages are processed first
 # aiomqtt does not fail a publish whose connection dropped: it waits for a PUBACK that will not come
 # until its timeout, and the timer starts when publish() is called, not when paho sends the message.
 # A broker acknowledges a few alerts within milliseconds, so 2 s for a handful means the connection is
@@ -63,6 +64,7 @@ class Inbound:
     generation: int  # which connection it arrived on: acks are only valid on that one
     claimed: bool = False  # taken by the main thread: decoding it ahead is no use any more
     ahead: Any = None  # its batch decoded by the decode-ahead worker (gateway/ahead.py), when it was
+    hint: bool = False  # a copy from the smoke hint lane (gateway/hints.py), not the record: never acknowledged
 
 
 class BrokerRefused(ConnectionError):
@@ -101,25 +103,27 @@ def packet(first: int, body: bytes) -> bytes:
     return bytes((first,)) + varint(len(body)) + body
 
 
-def connect_packet(config: BrokerConfig) -> bytes:
-    """MQTT 5 CONNECT: persistent session (clean start off, session expiry), our receive window."""
-    flags = 0
-    payload = string(config.client_id)
+def connect_packet(config: BrokerConfig, client_id: str | None = None, clean: bool = False) -> bytes:
+    """MQTT 5 CONNECT: persistent session (clean start off, session expiry), our receive window; or,
+    ``clean``, a session that starts empty and ends with the connection."""
+    flags = 0x02 if clean else 0
+    payload = string(client_id or config.client_id)
     if config.username:
         flags |= 0x80
         payload += string(config.username)
         if config.password is not None:
             flags |= 0x40
             payload += string(config.password.get_secret_value())
-    properties = (b"\x11" + config.session_expiry_s.to_bytes(4, "big")
+    properties = (b"\x11" + (0 if clean else config.session_expiry_s).to_bytes(4, "big")
                   + b"\x21" + config.receive_maximum.to_bytes(2, "big"))
     body = (string("MQTT") + b"\x05" + bytes((flags,)) + config.keepalive_s.to_bytes(2, "big")
             + varint(len(properties)) + properties + payload)
     return packet(0x10, body)
 
 
-def subscribe_packet(filters: list[str], packet_id: int = 1) -> bytes:
-    return packet(0x82, packet_id.to_bytes(2, "big") + b"\x00" + b"".join(string(f) + b"\x01" for f in filters))
+def subscribe_packet(filters: list[str], packet_id: int = 1, qos: int = 1) -> bytes:
+    options = bytes((qos,))
+    return packet(0x82, packet_id.to_bytes(2, "big") + b"\x00" + b"".join(string(f) + options for f in filters))
 
 
 PINGREQ = b"\xc0\x00"
@@ -178,9 +182,17 @@ class Receiver:
     """
 
     def __init__(self, config: BrokerConfig, address: BrokerAddress, filters: list[str],
-                 loop: asyncio.AbstractEventLoop, wake: asyncio.Event, ahead: Any = None):
+                 loop: asyncio.AbstractEventLoop, wake: asyncio.Event, ahead: Any = None, hint_lane: bool = False,
+                 *, hints_for: Receiver | None = None):
         self.config = config
         self.ahead = ahead  # gateway.ahead.DecodeAhead: offered every bulk message as it arrives
+        # The smoke hint lane (gateway/hints.py) is a Receiver too: a clean session of its own, QoS 0,
+        # whose messages join this one's urgent queue as hints.
+        self.sink = self if hints_for is None else hints_for
+        self.client_id = config.client_id if hints_for is None else f"{config.client_id}-hint"
+        self.qos = 1 if hints_for is None else 0
+        self.lane = Receiver(config, address, [topics.SMOKE_TELEMETRY_FILTER], loop, wake, hints_for=self) \
+            if hint_lane else None
         self.address = address
         self.filters = filters
         self.loop = loop
@@ -202,14 +214,20 @@ class Receiver:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"mqtt-receive-{self.config.client_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"mqtt-receive-{self.client_id}", daemon=True)
         self._thread.start()
+        if self.lane is not None:
+            self.lane.start()
 
     def pause(self) -> None:
         """Take no more messages; those arriving now stay unacknowledged and come back later."""
         self._paused = True
+        if self.lane is not None:
+            self.lane.pause()
 
     def stop(self) -> None:
+        if self.lane is not None:
+            self.lane.stop()
         self._stopping.set()
         self._poke()
         if self._thread is not None:
@@ -248,7 +266,7 @@ class Receiver:
             if self.config.tls or self.address.tls:
                 context = _tls_context(self.config) or ssl.create_default_context()
                 sock = context.wrap_socket(sock, server_hostname=self.address.host)
-            sock.sendall(connect_packet(self.config))
+            sock.sendall(connect_packet(self.config, self.client_id, clean=self.sink is not self))
             reader = FrameReader()
             frames: list[tuple[int, bytes, int, int]] = []
             while not frames:
@@ -267,10 +285,11 @@ class Receiver:
             raise
         self.generation += 1
         self.connected.set()
-        log.info("connected url=%s session_present=%s", self.address, bool(session_present))
+        log.info("connected url=%s client_id=%s session_present=%s", self.address, self.client_id,
+                 bool(session_present))
         # Subscribing again on a present session is harmless and repairs a session the broker lost.
         if self.filters:
-            sock.sendall(subscribe_packet(self.filters))
+            sock.sendall(subscribe_packet(self.filters, qos=self.qos))
         self._pending_frames = frames[1:]
         self._reader = reader
         return sock
@@ -323,16 +342,17 @@ class Receiver:
         taken = False
         bulk: list[Inbound] = []
         least = self.ahead.MIN_BYTES if self.ahead is not None else 1 << 62  # offered to decode-ahead
+        sink, hint = self.sink, self.sink is not self
         for first, data, start, end in frames:
             kind = first >> 4
             if kind == 3:
                 topic, payload, mid, qos = parse_publish(first, data, start, end)
                 if not self._paused:
-                    inbound = Inbound(topic, payload, mid, qos, generation)
+                    inbound = Inbound(topic, payload, mid, qos, generation, hint=hint)
                     if URGENT in topic:
-                        self.urgent.append(inbound)
+                        sink.urgent.append(inbound)
                     else:
-                        self.buffer.append(inbound)
+                        sink.buffer.append(inbound)
                         if len(payload) >= least:
                             bulk.append(inbound)
                     taken = True
@@ -343,7 +363,7 @@ class Receiver:
                 raise ConnectionError(f"the broker disconnected us (reason code 0x{reason:02x})")
             # PINGRESP needs nothing: hearing it is what counts
         if taken:
-            self._signal()
+            sink._signal()
         if bulk and self.ahead is not None:
             self.ahead.offer(bulk)
 
@@ -357,9 +377,11 @@ class Receiver:
         """Queue one message (what the I/O thread does for each PUBLISH; tests drive it directly)."""
         if self._paused:
             return
-        inbound = Inbound(message.topic, message.payload, message.mid, message.qos, self.generation)
-        (self.urgent if URGENT in inbound.topic else self.buffer).append(inbound)
-        self._signal()
+        sink = self.sink
+        inbound = Inbound(message.topic, message.payload, message.mid, message.qos, self.generation,
+                          hint=sink is not self)
+        (sink.urgent if URGENT in inbound.topic else sink.buffer).append(inbound)
+        sink._signal()
 
     def _signal(self) -> None:
         if not self._signalled:
@@ -373,13 +395,19 @@ class Receiver:
             pass  # already poked, or closed
 
     # -- asyncio side ------------------------------------------------------------------------
-    def drain(self, limit: int) -> list[Inbound]:
+    def drain(self, limit: int, max_bytes: int = 1 << 62) -> list[Inbound]:
+        """At most ``limit`` messages, smoke detectors' first, and no more once ``max_bytes`` of payload
+        are taken (a batch's work grows with its readings, and a fire arriving meanwhile waits for it)."""
         self._signalled = False
         out: list[Inbound] = []
+        size = 0
         for queue in (self.urgent, self.buffer):
             for _ in range(min(limit - len(out), len(queue))):
+                if size >= max_bytes:
+                    break
                 message = queue.popleft()
                 message.claimed = True
+                size += len(message.payload)
                 out.append(message)
         if self.urgent or self.buffer:  # more left: come straight back
             self._signalled = True

@@ -23,6 +23,7 @@ from gateway.ahead import DecodeAhead
 from gateway.broker import EmbeddedBroker, reachable
 from gateway.config import BrokerAddress, Config, parse_broker_url
 from gateway.metrics import Stats
+from gateway.hints import Twins
 from gateway.mqtt import Inbound, Publisher, Receiver
 from gateway.decode import DeadLetter, recent_rows
 from gateway.incidents.queue import IncidentQueue
@@ -121,6 +122,9 @@ class Gateway:
         # accepted readings are kept: for the telemetry store and the dashboard's recent readings
         self.pipeline = Pipeline(self.config, self.registry, self.stats, keep_readings=True)
         self.receiver: Receiver | None = None
+        # smoke detectors' telemetry, again, on a connection of its own: a fire overtakes the broker's queue
+        self.twins = Twins() if self.config.ingest.smoke_hint_lane else None
+        self.stats.twins = self.twins
         # PUBACKs of messages processed, waiting for the snapshot that includes them: (connection, frames, count)
         self.unacked: list[tuple[int, bytes, int]] = []
         self.recent_alerts: deque[dict[str, Any]] = deque(maxlen=RECENT_ALERTS)
@@ -213,8 +217,9 @@ class Gateway:
             ahead = DecodeAhead(self.pipeline.decoder).start()
             self.stats.decode_ahead = ahead
         receiver = Receiver(self.config.broker, self.address, [topics.TELEMETRY_FILTER, topics.STATUS_FILTER],
-                            loop, wake, ahead)
+                            loop, wake, ahead, hint_lane=self.twins is not None)
         self.receiver = receiver
+        self.stats.hint_lane = receiver.lane
         self._poke = asyncio.Event()
         api_task = await self._start_api()
         publisher.start()
@@ -288,7 +293,7 @@ class Gateway:
 
     async def _process(self, receiver: Receiver, publisher: Publisher, everything: bool = False) -> None:
         while True:
-            batch = receiver.drain(self.config.ingest.batch_max)
+            batch = receiver.drain(self.config.ingest.batch_max, self.config.ingest.batch_max_bytes)
             self.stats.ingest_queue_depth = len(receiver)
             self.stats.ingest_urgent_depth = len(receiver.urgent)
             self.stats.ingest_unacked = sum(n for _, _, n in self.unacked)
@@ -319,8 +324,11 @@ class Gateway:
 
     async def _process_one(self, batch: list[Inbound], receiver: Receiver, publisher: Publisher) -> None:
         now = time.time()
-        outcome = self._process_batch([(m.topic, m.payload) for m in batch], now,
-                                      [m.ahead for m in batch] if receiver.ahead is not None else None)
+        work = batch
+        if self.twins is not None:  # the smoke hint lane's copies and their twins (gateway/hints.py)
+            work = self.twins.sift(batch, now, receiver.lane is not None and receiver.lane.connected.is_set())
+        outcome = self._process_batch([(m.topic, m.payload) for m in work], now,
+                                      [m.ahead for m in work] if receiver.ahead is not None else None)
         newest = outcome.newest
         if newest is not None:
             # how far behind the devices the gateway is: gateway time − the newest device time taken

@@ -9,6 +9,10 @@ TELEMETRY_FILTER = f"{ROOT}/+/+/+/telemetry"
 STATUS_FILTER = f"{ROOT}/+/+/+/status"
 ALERTS_FILTER = f"{ROOT}/+/alerts/#"
 DEADLETTER_FILTER = f"{ROOT}/+/deadletter/#"
+# the smoke hint lane's subscription (gateway/hints.py): smoke detectors' telemetry, again
+SMOKE_KIND = "smoke"
+SMOKE_MARK = f"/{SMOKE_KIND}/"  # in every smoke detector's topic (and in those of a site called "smoke")
+SMOKE_TELEMETRY_FILTER = f"{ROOT}/+/{SMOKE_KIND}/+/telemetry"
 
 #: what stands in for a topic level the gateway could not read
 UNKNOWN = "_"

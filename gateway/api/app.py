@@ -124,8 +124,13 @@ def create_app(gateway: "Gateway") -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     async def readyz() -> JSONResponse:
-        ready = gateway.started.is_set() and gateway.receiver is not None and gateway.receiver.connected.is_set()
-        return JSONResponse({"ready": ready, "broker": str(gateway.address)}, status_code=200 if ready else 503)
+        receiver = gateway.receiver
+        ready = gateway.started.is_set() and receiver is not None and receiver.connected.is_set()
+        # the smoke hint lane is not needed to be ready (the bulk session carries every message), only shown
+        lane = receiver.lane if receiver is not None else None
+        return JSONResponse({"ready": ready, "broker": str(gateway.address),
+                             "smoke_hint_lane": None if lane is None else lane.connected.is_set()},
+                            status_code=200 if ready else 503)
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
     async def metrics() -> Response:
