@@ -1,9 +1,10 @@
 """Soak: a steady QoS 1 stream while the gateway is killed (SIGKILL) and the broker restarted, then an
 account of what was published, processed, lost and duplicated.
 
-    .venv/bin/python -m bench.soak [--rate 200] [--duration 60] [--kills 3] [--broker-restarts 2]
+    .venv/bin/python -m bench.soak [--rate 200] [--duration 60] [--kills 3] [--broker-restarts 2] [--kind smoke]
 
-Every reading flips a meter box between 30 °C and 80 °C, so every reading is an alert event (raised or
+Every reading flips a meter box between 30 °C and 80 °C (``--kind smoke``: a smoke detector's alarm on
+and off, its messages coming by the smoke hint lane too), so every reading is an alert event (raised or
 cleared; flapping hold switched off for the soak) and lands in the incident store exactly once if
 nothing is lost or doubled. Counted from the store after the run: readings published / processed
 (recorded alert events) / lost / duplicated, and the longest time from a kill or restart to the next
@@ -34,7 +35,8 @@ from gateway.incidents.store import Database
 
 ROOT = Path(__file__).resolve().parent.parent
 
-METERS = [f"mtr-wangma-{n:03d}" for n in range(1, 51)]
+DEVICES = {"meter": [f"mtr-wangma-{n:03d}" for n in range(1, 51)], "smoke": [f"smk-wangma-{n:03d}" for n in range(1, 51)]}
+BODY = {"meter": b'{"ts": %.3f, "seq": %d, "temp_c": %d}', "smoke": b'{"ts": %.3f, "seq": %d, "alarm": %s}'}
 
 
 def write_config(work: Path, broker_url: str) -> Path:
@@ -47,7 +49,7 @@ def write_config(work: Path, broker_url: str) -> Path:
     data["detection"]["snapshot_interval_s"] = 1
     data["ingest"]["device_rate_per_s"] = 0  # the soak's meters are not to be throttled
     data["kinds"]["meter"]["rules"]["meter_overheat"]["flapping"] = None
-    data["kinds"]["meter"]["offline_after_s"] = 3600
+    data["kinds"]["meter"]["offline_after_s"] = data["kinds"]["smoke"]["offline_after_s"] = 3600
     path = work / "soak.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     return path
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of steady load")
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--broker-restarts", type=int, default=2)
+    parser.add_argument("--kind", choices=sorted(DEVICES), default="meter", help="whose readings")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sb-soak-"))
     broker = EmbeddedBroker(work / "broker", port=free_port(), persistence=True).start()
@@ -86,12 +89,14 @@ def main() -> None:
         client.loop_start()
         t0, n = time.time(), 0
         while not stop.is_set():
-            meter = METERS[n % len(METERS)]
-            seq = n // len(METERS)
+            devices = DEVICES[args.kind]
+            meter = devices[n % len(devices)]
+            seq = n // len(devices)
             ts = t0 + n / args.rate
-            body = b'{"ts": %.3f, "seq": %d, "temp_c": %d}' % (ts, seq, 80 if seq % 2 == 0 else 30)
+            hot = seq % 2 == 0
+            body = BODY[args.kind] % (ts, seq, (b"true" if hot else b"false") if args.kind == "smoke" else (80 if hot else 30))
             while True:  # a device keeps what the broker has not taken and tries again
-                info = client.publish(topics.telemetry("wangma", "meter", meter), body, qos=1)
+                info = client.publish(topics.telemetry("wangma", args.kind, meter), body, qos=1)
                 if info.rc == 0:
                     break
                 time.sleep(0.05)
@@ -132,8 +137,8 @@ def main() -> None:
     duplicated = len(events) - len(recorded)
     recovery = max((min((e["gateway_time"] for e in events if e["gateway_time"] > f), default=f) - f
                     for f in fault_times), default=0.0)
-    print(f"soak: {args.rate:g} readings/s for {args.duration:g} s, {args.kills} gateway kills (SIGKILL), "
-          f"{args.broker_restarts} broker restarts")
+    print(f"soak: {args.rate:g} {args.kind} readings/s for {args.duration:g} s, {args.kills} gateway kills "
+          f"(SIGKILL), {args.broker_restarts} broker restarts")
     print(f"{'readings published':<32} {len(sent):>8}")
     print(f"{'processed (alert events recorded)':<32} {len(recorded & sent):>8}")
     print(f"{'lost':<32} {len(lost):>8}")

@@ -644,3 +644,5 @@ class Gateway:
     def _log_counters(self, message: str) -> None:
         for kind, row in sorted(self.stats.snapshot().items()):
             log.info(message, extra={"kind": kind, **row})
+        if self.twins is not None and any(self.twins.counts.values()):
+            log.info(message, extra={"smoke_hint_lane": "", **self.twins.counts, **self.twins.state()})

@@ -48,9 +48,15 @@ def wait_for_incident(api, device: str) -> dict:
 def test_health_readiness_metrics_and_the_page_need_no_token(api):
     assert api("GET", "/healthz", token=None).json() == {"status": "ok"}
     assert api("GET", "/readyz", token=None).json()["ready"] is True
+    deadline = time.monotonic() + 10  # the smoke hint lane connects beside the bulk session
+    while not api("GET", "/readyz", token=None).json()["smoke_hint_lane"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert api("GET", "/readyz", token=None).json()["smoke_hint_lane"] is True
     metrics = api("GET", "/metrics", token=None).text
     assert "streetbrain_messages_received_total" in metrics and "streetbrain_incidents_overdue" in metrics
     assert "streetbrain_ingest_lag_seconds" in metrics and "streetbrain_ingest_queue_depth" in metrics
+    assert 'streetbrain_smoke_hints_total{event="hint_first"}' in metrics
+    assert "streetbrain_smoke_hint_lane_connected 1.0" in metrics
     assert "streetbrain_replay_pending{kind=\"smoke\"}" in metrics and "streetbrain_replay_settled_early_total" in metrics
     page = api("GET", "/", token=None)
     assert page.status_code == 200 and "街脑" in page.text and "http" not in page.text.split("<script>")[0].lower()
