@@ -5,8 +5,12 @@
   ~2× aiomqtt, ../shared/reference/mqtt-limits.md), persistent session, manual acknowledgements
   written in batches. Messages pile up in a buffer that the asyncio side drains in
   batches; each is acknowledged only after its batch was processed and its alerts were published,
-  so a crash loses nothing: the broker redelivers what was not acknowledged. The broker sends at
-  most ``receive_maximum`` unacknowledged messages, which bounds the buffer.
+  so a crash loses nothing: the broker redelivers what was not acknowledged. At most
+  ``receive_maximum`` unacknowledged messages are taken, which bounds the buffer: the broker is asked
+  to keep to that, and the receiver stops reading while the window is full, because Mosquitto 2.0.11
+  does not keep to it once acknowledgements come in batches.
+* The smoke hint lane (``Receiver.lane``, gateway/hints.py) — a second Receiver on a clean session,
+  QoS 0, for smoke telemetry only; its copies join the urgent queue as hints.
 * :class:`Publisher` — aiomqtt on a connection of its own, so alerts never queue behind inbound
   telemetry. Publishes are QoS 1 and awaited until the broker acknowledges them.
 """
@@ -202,6 +206,11 @@ class Receiver:
         # fire is never queued behind bulk telemetry.
         self.urgent: deque[Inbound] = deque()
         self.generation = 0
+        # QoS 1 messages received on this connection, and acknowledged (connection, count): the window
+        # the broker should keep to, kept by us (see _serve)
+        self._received = 0
+        self._acked = (0, 0)
+        self.holds = 0  # times reading stopped because the window was full
         self.connected = threading.Event()
         self.subscribed = asyncio.Event()
         self._signalled = False
@@ -283,6 +292,7 @@ class Receiver:
         except BaseException:
             sock.close()
             raise
+        self._received = 0
         self.generation += 1
         self.connected.set()
         log.info("connected url=%s client_id=%s session_present=%s", self.address, self.client_id,
@@ -303,6 +313,13 @@ class Receiver:
         reader, frames = self._reader, self._pending_frames
         last_sent = last_heard = time.monotonic()
         generation = self.generation
+        # The broker is to send at most receive_maximum unacknowledged QoS 1 messages. Mosquitto 2.0.11
+        # (Debian's) keeps to that only until acknowledgements come: each PUBACK of a batch lets it send
+        # up to a whole window more (a window of 10, acknowledged at once, brought 100 more; of 100,
+        # 4,900: docs/PERFORMANCE.md). So the window is kept here: with as many unacknowledged as it
+        # allows, the socket is not read until acknowledgements go out, and the broker's writes wait.
+        window = self.config.receive_maximum if self.qos else 0
+        reading = True
         try:
             while not self._stopping.is_set():
                 if frames:
@@ -314,8 +331,19 @@ class Receiver:
                         out.append(self._outgoing.popleft())
                     sock.sendall(b"".join(out))
                     last_sent = time.monotonic()
-                ready = True if isinstance(sock, ssl.SSLSocket) and sock.pending() else \
-                    any(key.fileobj is sock for key, _ in selector.select(keepalive / 2))
+                if window and (self.outstanding() < window) != reading:
+                    reading = not reading
+                    if reading:
+                        selector.register(sock, selectors.EVENT_READ)
+                    else:
+                        selector.unregister(sock)
+                        self.holds += 1
+                if reading:
+                    ready = True if isinstance(sock, ssl.SSLSocket) and sock.pending() else \
+                        any(key.fileobj is sock for key, _ in selector.select(keepalive / 2))
+                else:  # waiting for acknowledgements (the wake-up socket): the broker is not listened to
+                    selector.select(keepalive / 2)
+                    ready, last_heard = False, time.monotonic()
                 try:
                     while True:
                         self._wake_r.recv(4096)
@@ -323,7 +351,10 @@ class Receiver:
                     pass
                 now = time.monotonic()
                 if ready:
-                    chunk = sock.recv(262144)
+                    # near a full window, no more bytes than the messages it still has room for could take
+                    # (64 bytes is about the smallest device message): the window is kept to within 4 KB
+                    room = (window - self.outstanding()) * 64 if window else 262144
+                    chunk = sock.recv(max(4096, min(262144, room)))
                     if not chunk:
                         raise ConnectionError("the broker closed the connection")
                     frames = reader.feed(chunk)
@@ -347,6 +378,8 @@ class Receiver:
             kind = first >> 4
             if kind == 3:
                 topic, payload, mid, qos = parse_publish(first, data, start, end)
+                if qos:
+                    self._received += 1
                 if not self._paused:
                     inbound = Inbound(topic, payload, mid, qos, generation, hint=hint)
                     if URGENT in topic:
@@ -435,7 +468,14 @@ class Receiver:
         acks = b"".join(frames for g, frames, _ in pending if g == generation)
         if acks:
             self._outgoing.append(acks)
+            done, count = self._acked
+            self._acked = (generation, (count if done == generation else 0) + len(acks) // 4)  # 4 bytes a PUBACK
             self._poke()
+
+    def outstanding(self) -> int:
+        """QoS 1 messages received on the current connection and not acknowledged yet."""
+        done, count = self._acked
+        return self._received - (count if done == self.generation else 0)
 
     def ack(self, messages: list[Inbound]) -> None:
         """PUBACK what was processed, on the connection it came from."""

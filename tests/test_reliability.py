@@ -165,7 +165,10 @@ def test_under_overload_the_queue_stays_bounded_lag_shows_and_a_fire_overtakes_t
     for i in range(bulk):  # a backlog far beyond one wake-up's work…
         device.client.publish(topics.telemetry("wangma", "meter", f"mtr-wangma-{1 + i % 250:03d}"),
                               b'{"ts": %.3f, "temp_c": 30}' % (t0 + i * 0.001), qos=1)
-    device.publish(topics.telemetry("wangma", "smoke", "smk-wangma-077"), {"ts": time.time(), "alarm": True})  # …then a fire
+    fire = device.client.publish(topics.telemetry("wangma", "smoke", "smk-wangma-077"),
+                                 b'{"ts": %.3f, "alarm": true}' % time.time(), qos=1)  # …then a fire
+    fire.wait_for_publish(60)  # all of it queued for the stopped gateway (5 s was not always enough)
+    assert fire.is_published()
     screen = mqtt([topics.ALERTS_FILTER])
     gateway = run_gateway(config).gateway
     _, alert, _ = screen.wait_for(lambda t, a: a["device_id"] == "smk-wangma-077", timeout_s=30)
@@ -179,6 +182,29 @@ def test_under_overload_the_queue_stays_bounded_lag_shows_and_a_fire_overtakes_t
     assert gateway.stats.valid["meter"] == bulk, dict(gateway.stats.rejected)  # all processed: nothing dropped
     assert 0 < deepest <= config.broker.receive_maximum  # the broker's receive window bounds the queue
     assert gateway.stats.ingest_lag_s > 1  # the device times were old: the lag is visible
+
+
+def test_the_gateway_keeps_its_receive_window_when_the_broker_does_not(config, run_gateway, mqtt):
+    """Mosquitto 2.0.11 keeps to the client's receive maximum only until acknowledgements come: each
+    PUBACK of a batch lets it send up to a window more (here 2,358 of 8,000 were in the gateway at once
+    with a window of 500). The receiver stops reading while the window is full."""
+    config.ingest.device_rate_per_s = 0
+    config.broker.receive_maximum = 500
+    config.detection.snapshot_interval_s = 0.2  # acknowledgements every 0.2 s
+    gateway = run_gateway(config).gateway
+    device = mqtt()
+    backlog = 8000
+    t0 = time.time() - 120
+    for i in range(backlog):
+        device.client.publish(topics.telemetry("wangma", "meter", f"mtr-wangma-{1 + i % 250:03d}"),
+                              b'{"ts": %.3f, "temp_c": 30}' % (t0 + i * 0.001), qos=1)
+    peak, deadline = 0, time.monotonic() + 60
+    while gateway.stats.valid["meter"] < backlog and time.monotonic() < deadline:
+        peak = max(peak, gateway.receiver.outstanding())
+        time.sleep(0.005)
+    assert gateway.stats.valid["meter"] == backlog, dict(gateway.stats.rejected)
+    assert 0 < peak <= 500 + 4096 // 40  # at most one 4 KB read past the window
+    assert gateway.receiver.holds > 0
 
 
 def test_no_snapshot_holds_a_batch_whose_alerts_are_not_published_yet(config, run_gateway, mqtt, monkeypatch):
