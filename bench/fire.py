@@ -29,11 +29,10 @@ from typing import Any
 
 import orjson
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from rich.console import Console
 from rich.table import Table
 
-from bench.throughput import GatewayProcess, bench_registry, publish
+from bench.throughput import GatewayProcess, alerts_client, bench_registry, publish
 from gateway import topics
 from gateway.broker import EmbeddedBroker
 
@@ -48,16 +47,7 @@ class Fires:
         self.sent: dict[str, float] = {}
         self.latency: dict[str, float] = {}
         self.lock = threading.Lock()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-fire-{time.time_ns()}",
-                                  protocol=paho.MQTTv5)
-        self.client.on_message = self._on_message
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.connect(host, port)
-        self.client.loop_start()
-        self.client.subscribe(topics.ALERTS_FILTER, qos=1)
-        if not subscribed.wait(5):
-            raise RuntimeError("could not subscribe to the alerts")
+        self.client = alerts_client(host, port, f"bench-fire-{time.time_ns()}", self._on_message)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         now = time.time()

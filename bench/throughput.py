@@ -408,6 +408,20 @@ class GatewayProcess:
         client.loop_stop()
 
 
+def alerts_client(host: str, port: int, client_id: str, on_message: Any) -> paho.Client:
+    """A paho client subscribed (QoS 1) to every alert, ``on_message`` called in its network thread."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    client.on_message = on_message
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *a: subscribed.set()
+    client.connect(host, port)
+    client.loop_start()
+    client.subscribe(topics.ALERTS_FILTER, qos=1)
+    if not subscribed.wait(5):
+        raise RuntimeError("could not subscribe to the alerts")
+    return client
+
+
 class AlertWatch:
     """Subscribed to the alerts topic: publish → alert latency of every raised meter_overheat."""
 
@@ -415,15 +429,7 @@ class AlertWatch:
         self.hot = mp.get_context("fork").RawArray("b", devices)  # which devices' alerts are raised now
         self.latencies: list[float] = []
         self.lock = threading.Lock()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-alerts-{os.getpid()}",
-                                  protocol=paho.MQTTv5)
-        self.client.on_message = self._on_message
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.connect(host, port)
-        self.client.loop_start()
-        self.client.subscribe(topics.ALERTS_FILTER, qos=1)
-        subscribed.wait(5)
+        self.client = alerts_client(host, port, f"bench-alerts-{os.getpid()}", self._on_message)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         now = time.time()
