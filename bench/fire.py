@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import paho.mqtt.client as paho
 from rich.console import Console
 from rich.table import Table
 
@@ -47,14 +46,11 @@ class Fires:
         self.sent: dict[str, float] = {}
         self.latency: dict[str, float] = {}
         self.lock = threading.Lock()
-        self.client = alerts_client(host, port, f"bench-fire-{time.time_ns()}", self._on_message)
+        self.client = alerts_client(host, port, f"bench-fire-{time.time_ns()}", "smoke_alarm", self._record)
 
-    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        now = time.time()
-        body = orjson.loads(message.payload)
-        if body.get("rule") == "smoke_alarm" and body.get("event") == "raised":
-            with self.lock:
-                self.latency.setdefault(body["device_id"], now - body["ts"])
+    def _record(self, device_id: str, latency: float) -> None:
+        with self.lock:
+            self.latency.setdefault(device_id, latency)
 
     def run(self, every: float, until: float) -> None:
         for site, device in self.detectors:

@@ -408,8 +408,17 @@ class GatewayProcess:
         client.loop_stop()
 
 
-def alerts_client(host: str, port: int, client_id: str, on_message: Any) -> paho.Client:
-    """A paho client subscribed (QoS 1) to every alert, ``on_message`` called in its network thread."""
+def alerts_client(host: str, port: int, client_id: str, rule: str, record: Any) -> paho.Client:
+    """A paho client subscribed (QoS 1) to every alert: for each ``raised`` of ``rule``,
+    ``record(device_id, publish → alert latency in s)`` in its network thread (the reading's ``ts`` is its
+    publish time)."""
+
+    def on_message(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        now = time.time()
+        body = orjson.loads(message.payload)
+        if body.get("event") == "raised" and body.get("rule") == rule:
+            record(body["device_id"], now - body["ts"])
+
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
     client.on_message = on_message
     subscribed = threading.Event()
@@ -429,14 +438,11 @@ class AlertWatch:
         self.hot = mp.get_context("fork").RawArray("b", devices)  # which devices' alerts are raised now
         self.latencies: list[float] = []
         self.lock = threading.Lock()
-        self.client = alerts_client(host, port, f"bench-alerts-{os.getpid()}", self._on_message)
+        self.client = alerts_client(host, port, f"bench-alerts-{os.getpid()}", "meter_overheat", self._record)
 
-    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        now = time.time()
-        body = orjson.loads(message.payload)
-        if body.get("event") == "raised" and body.get("rule") == "meter_overheat":
-            with self.lock:
-                self.latencies.append(now - body["ts"])
+    def _record(self, device_id: str, latency: float) -> None:
+        with self.lock:
+            self.latencies.append(latency)
 
     def take(self) -> list[float]:
         with self.lock:

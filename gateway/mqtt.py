@@ -192,9 +192,10 @@ class Receiver:
         self.ahead = ahead  # gateway.ahead.DecodeAhead: offered every bulk message as it arrives
         # The smoke hint lane (gateway/hints.py) is a Receiver too: a clean session of its own, QoS 0,
         # whose messages join this one's urgent queue as hints.
+        self.hint = hints_for is not None  # this is the lane: its messages are hints, QoS 0, clean session
         self.sink = self if hints_for is None else hints_for
-        self.client_id = config.client_id if hints_for is None else f"{config.client_id}-hint"
-        self.qos = 1 if hints_for is None else 0
+        self.client_id = f"{config.client_id}-hint" if self.hint else config.client_id
+        self.qos = 0 if self.hint else 1
         self.lane = Receiver(config, address, [topics.SMOKE_TELEMETRY_FILTER], loop, wake, hints_for=self) \
             if hint_lane else None
         self.address = address
@@ -275,7 +276,7 @@ class Receiver:
             if self.config.tls or self.address.tls:
                 context = _tls_context(self.config) or ssl.create_default_context()
                 sock = context.wrap_socket(sock, server_hostname=self.address.host)
-            sock.sendall(connect_packet(self.config, self.client_id, clean=self.sink is not self))
+            sock.sendall(connect_packet(self.config, self.client_id, clean=self.hint))
             reader = FrameReader()
             frames: list[tuple[int, bytes, int, int]] = []
             while not frames:
@@ -373,7 +374,7 @@ class Receiver:
         taken = False
         bulk: list[Inbound] = []
         least = self.ahead.MIN_BYTES if self.ahead is not None else 1 << 62  # offered to decode-ahead
-        sink, hint = self.sink, self.sink is not self
+        sink, hint = self.sink, self.hint
         for first, data, start, end in frames:
             kind = first >> 4
             if kind == 3:
@@ -411,8 +412,7 @@ class Receiver:
         if self._paused:
             return
         sink = self.sink
-        inbound = Inbound(message.topic, message.payload, message.mid, message.qos, self.generation,
-                          hint=sink is not self)
+        inbound = Inbound(message.topic, message.payload, message.mid, message.qos, self.generation, hint=self.hint)
         (sink.urgent if URGENT in inbound.topic else sink.buffer).append(inbound)
         sink._signal()
 
