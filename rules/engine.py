@@ -179,7 +179,7 @@ def make_transform(spec: Transform, n_series: int) -> StatefulTransform:
     if spec.kind == "rebound":
         return Rebound(n_series)
     if spec.kind == "anomaly":
-        return Anomaly(n_series, warmup=spec.warmup)
+        return Anomaly(n_series, warmup=spec.warmup, **({"local": None} if spec.sustain else {}))
     if spec.kind == "ewma_z":
         return Ewma(n_series, spec.alpha, spec.warmup)
     return Cusum(n_series, spec.alpha, spec.k, spec.warmup)
@@ -738,8 +738,12 @@ class KindEngine:
                 getattr(st, name)[..., dst] = a[..., src]
         for i, transform in self.transforms.items():
             prefix = f"rule.{self.rules[i].rule_id}.transform."
-            for name, a in transform.state().items():
-                if prefix + name in saved:
+            state = transform.state()
+            # all or nothing: a snapshot from a version without some of this state (a feature added
+            # since) restarts the transform from its warm-up; half-restored, the new part would judge
+            # a series with a long past against a blank history and raise at once
+            if all(prefix + name in saved for name in state):
+                for name, a in state.items():
                     a[dst] = saved[prefix + name][src]
         for col, ring in self.rings.items():
             prefix = f"ring.{self.fields[col]}."
