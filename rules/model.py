@@ -113,13 +113,23 @@ class Transform(Strict):
     ``anomaly``: the anomaly score in [0, 1] of ``detectors/anomaly.py`` (spikes, level shifts and
     variance changes against the series' own history, calibrated on its own score distribution; 0
     during ``warmup``); ``anomaly_score >= 0.6 for 5 minutes`` is ``raise: {warning: {threshold: 0.6,
-    for_s: 300}}``.
+    for_s: 300}}`` with ``sustain: true``. The score is highest at an anomaly's first reading and
+    falls back once the series is past it (one anomaly, one alert); ``sustain`` keeps it up for as
+    long as the readings stay unusual, which a rule held for a duration needs.
     """
 
     kind: Literal["rebound", "ewma_z", "cusum", "anomaly"]
     alpha: float = Field(default=0.05, gt=0, le=1, description="EWMA weight of a new reading")
     k: float = Field(default=0.5, ge=0, description="CUSUM slack, in standard deviations")
     warmup: int = Field(default=20, ge=1, description="readings before a score is given")
+    sustain: bool = Field(default=False, description="anomaly only: keep the score up while the readings stay "
+                                                     "unusual (for a rule held for a duration, for_s)")
+
+    @model_validator(mode="after")
+    def _sustain_is_the_anomaly_scores(self) -> Transform:
+        if self.sustain and self.kind != "anomaly":
+            raise ValueError(f"sustain applies to the anomaly transform, not {self.kind}")
+        return self
 
 
 class Flapping(Strict):

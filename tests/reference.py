@@ -52,9 +52,10 @@ class PlainAnomaly:
     """The anomaly score of detectors/anomaly.py (without its seasonal view), reading by reading."""
 
     def __init__(self, warmup: int, medium: float = 0.05, short: float = 0.1, long: float = 0.01,
-                 calibration: float = 0.0005, decay: float = 0.01, echo: float = 0.1, levels: int = 4,
-                 context: int = 4, context_weight: float = 2.5):
-        self.warmup, self.decay, self.echo = warmup, decay, echo
+                 calibration: float = 0.0005, decay: float = 0.01, echo: float = 0.1, local: float = 0.9,
+                 levels: int = 4, context: int = 4, context_weight: float = 2.5, drift: float = 0.0015,
+                 drift_weight: float = 0.5):
+        self.warmup, self.decay, self.echo, self.local = warmup, decay, echo, local
         self.levels, self.context, self.context_weight = levels, context, context_weight
         self.symbols: list[int] = []  # every symbol so far (the last ``context`` make a context)
         self.contexts: set[tuple[int, ...]] = set()
@@ -64,9 +65,12 @@ class PlainAnomaly:
         self.short_var, self.long_var = PlainEwm(short), PlainEwm(long)
         self.level, self.level_var = PlainEwm(long), PlainEwm(long)
         self.short_mean = PlainEwm(short)
+        self.baseline, self.baseline_var = PlainEwm(drift), PlainEwm(drift)
+        self.drift_weight = drift_weight
         self.short_share = short / (2.0 - short)
-        self.calibration = {name: (PlainEwm(calibration), PlainEwm(calibration)) for name in ("spike", "vol", "shift")}
-        self.count, self.origin, self.peak = 0, 0.0, 0.0
+        self.calibration = {name: (PlainEwm(calibration), PlainEwm(calibration))
+                            for name in ("spike", "vol", "shift", "drift")}
+        self.count, self.origin, self.peak, self.record = 0, 0.0, 0.0, 0.0
 
     def step(self, v: float) -> float:
         if self.count == 0:
@@ -78,14 +82,24 @@ class PlainAnomaly:
         _, spread_before = self.spread.step(error * error, n)
         short_var, _ = self.short_var.step(error * error, n)
         _, long_var_before = self.long_var.step(error * error, n)
-        _, level_before = self.level.step(x, n)
+        level, level_before = self.level.step(x, n)
         _, level_var_before = self.level_var.step((x - level_before) ** 2, n)
         floor = (1e-9 + 1e-6 * abs(mean_before)) ** 2 + 0.1 ** 2 * level_var_before
         short_mean, _ = self.short_mean.step(x, n)
+        baseline, baseline_before = self.baseline.step(x, n)
+        _, baseline_var_before = self.baseline_var.step((x - baseline_before) ** 2, n)
+        baseline_floor = (1e-9 + 1e-6 * abs(baseline_before)) ** 2
+        # the gap between the two means for white noise: Σ (w_level − w_baseline)² over the n readings
+        a, b = self.level.alpha, self.baseline.alpha
+        weights = [(a * (1 - a) ** (n - i) / (1 - (1 - a) ** n), b * (1 - b) ** (n - i) / (1 - (1 - b) ** n))
+                   for i in range(1, n + 1)] if n > 3 else []
+        gap_share = max(sum((wa - wb) ** 2 for wa, wb in weights), 1e-12)
         judged = n > 3
         features = {"spike": abs(error) / math.sqrt(max(spread_before, floor)) if judged else 0.0,
                     "vol": abs(math.log((short_var + floor) / (long_var_before + floor))) if judged else 0.0,
                     "shift": abs(short_mean - level_before) / math.sqrt(max(level_var_before, floor) * self.short_share)
+                    if judged else 0.0,
+                    "drift": abs(level - baseline) / math.sqrt(max(baseline_var_before, baseline_floor) * gap_share)
                     if judged else 0.0}
         surprise = 0.0
         for name, feature in features.items():
@@ -93,12 +107,15 @@ class PlainAnomaly:
             g_mean, g_var = self.calibration[name]
             _, mean = g_mean.step(g, n)
             _, var = g_var.step((g - mean) ** 2, n)
-            surprise += max(-float(log_ndtr(-(g - mean) / math.sqrt(max(var, 0.04)))) - math.log(2.0), 0.0)
+            evidence = max(-float(log_ndtr(-(g - mean) / math.sqrt(max(var, 0.04)))) - math.log(2.0), 0.0)
+            surprise += self.drift_weight * evidence if name == "drift" else evidence
         surprise += self.context_weight * self.novel_context(x, n)
         surprise = surprise if n > self.warmup else 0.0
         peak_before = max(self.peak - self.decay, 0.0)
         self.peak = max(peak_before, surprise)
-        novelty = max(surprise - peak_before, 0.0) + self.echo * surprise
+        local_record = surprise > self.record  # the echo counts only at a local record of surprise
+        self.record = max(self.local * self.record, surprise)
+        novelty = max(surprise - peak_before, 0.0) + (self.echo * surprise if local_record else 0.0)
         return novelty / (novelty + 10.0)
 
 
