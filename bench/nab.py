@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5,
                         help="score the corpus this many times (fresh detectors) and report the fastest")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if args.cpu >= 0 and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.cpu})
     files = sorted(args.data.glob("*/*.csv"))
@@ -85,8 +87,6 @@ def main() -> None:
     started = time.perf_counter()
     loaded = [read_series(f) for f in files]
     periods = [daily_period(stamps) for stamps, _, _ in loaded]
-    if args.repeat < 1:
-        parser.error("--repeat must be at least 1")
     passes = []
     for _ in range(args.repeat):  # a pass is ~0.1 s: one alone is at the mercy of the shared machine
         scoring = time.perf_counter()

@@ -32,7 +32,7 @@ The parts, and why each is there:
   false alert at the shipped threshold in 3,000 simulated port-days (none at half; NAB −0.2).
   Measured at half weight, twelve seeds: a rise of 2–4 σ over 100–300 readings of noise is its
   series' highest score in 5–6, against 2–4 without the drift; on NAB +0.7.
-* **Seasonal view** (``period`` readings, 0 = off): the same two features on the difference from one
+* **Seasonal view** (``period`` readings, 0 = off): the spike, volatility and shift on the difference from one
   period ago, combined with the plain view by geometric mean, so a pattern that repeats every day
   (a load peak, a nightly lull) stops being surprising while a spike on a seasonal series is still
   seen by both. The seasonal view also counts alone, at ``seasonal_alone`` (0.6) of its surprise: a
@@ -104,6 +104,7 @@ SPREAD_FLOOR = 0.04  # of a feature's log: one that barely varied must not make 
 MIN_HISTORY = 3  # readings before the first one is judged (their errors make the first spread)
 HALF_SCORE_NATS = 10.0  # surprise at which the score is 0.5
 LN_2 = float(np.log(2.0))
+RECORD_MARGIN = 1e-9  # a local record beats the old one by more than rounding (a log and an exp in blocks)
 
 
 def gap_share(a: float, b: float, seen_a: np.ndarray, seen_b: np.ndarray) -> np.ndarray:
@@ -173,6 +174,8 @@ class Anomaly:
         self.warmup, self.period, self.decay, self.echo = warmup, period, decay, echo
         if local is not None and not 0.0 < local < 1.0:
             raise ValueError("local must be in (0, 1), or None: the echo of every reading counts")
+        if drift and not 0.0 < drift < long:
+            raise ValueError("drift must be slower than long (0 < drift < long), or 0: no drift feature")
         self.local, self.log_local = local, (None if local is None else float(np.log(local)))
         self.levels, self.context, self.context_weight = levels, context, context_weight
         self.seasonal_alone = seasonal_alone
@@ -310,14 +313,14 @@ class Anomaly:
         width, record = surprise.shape[1], self.arrays["local"][rows]
         if width == 1:  # one reading per series (the rule engine's rounds): the recursion itself
             self.arrays["local"][rows] = np.maximum(self.local * record, surprise[:, 0])
-            return surprise > record[:, None]
+            return surprise > record[:, None] * (1.0 + RECORD_MARGIN)
         # in logs, L after reading t is max(ln L₀ + t·ln local, ln s_j + (t − j)·ln local), a running maximum
         step = self.log_local * np.arange(width + 1)[None, :]
         with np.errstate(divide="ignore"):  # a surprise (or record) of 0 is −inf in logs: never the record
             logs = np.log(np.concatenate([record[:, None], surprise], axis=1))
         held = np.maximum.accumulate(logs - step, axis=1) + step
         self.arrays["local"][rows] = np.exp(held[:, -1])
-        return surprise > np.exp(held[:, :-1])
+        return surprise > np.exp(held[:, :-1]) * (1.0 + RECORD_MARGIN)
 
     def _recurring(self, rows: np.ndarray, surprise: np.ndarray) -> np.ndarray:
         """For each reading, the largest surprise within ``band`` readings of one period before it."""

@@ -742,7 +742,8 @@ class KindEngine:
             # all or nothing: a snapshot from a version without some of this state (a feature added
             # since) restarts the transform from its warm-up; half-restored, the new part would judge
             # a series with a long past against a blank history and raise at once
-            if all(prefix + name in saved for name in state):
+            if all(prefix + name in saved and saved[prefix + name].shape[1:] == a.shape[1:]
+                   for name, a in state.items()):
                 for name, a in state.items():
                     a[dst] = saved[prefix + name][src]
         for col, ring in self.rings.items():

@@ -115,7 +115,8 @@ class Transform(Strict):
     during ``warmup``); ``anomaly_score >= 0.6 for 5 minutes`` is ``raise: {warning: {threshold: 0.6,
     for_s: 300}}`` with ``sustain: true``. The score is highest at an anomaly's first reading and
     falls back once the series is past it (one anomaly, one alert); ``sustain`` keeps it up for as
-    long as the readings stay unusual, which a rule held for a duration needs.
+    long as the readings stay unusual, which a raise held ``for_s`` or ``count`` needs (a rule holding
+    one without it is a config error).
     """
 
     kind: Literal["rebound", "ewma_z", "cusum", "anomaly"]
@@ -220,6 +221,11 @@ class Rule(Strict):
         levels = self.raise_.levels()
         if not levels:
             raise ValueError("raise: needs a condition for at least one of info, warning, major, critical")
+        if self.transform is not None and self.transform.kind == "anomaly" and not self.transform.sustain:
+            held = [s.name.lower() for s, c in levels if c.for_s > 0 or c.count > 1]
+            if held:
+                raise ValueError(f"raise: {held[0]} is held (for_s or count) on the anomaly score, which is high "
+                                 "only at readings that beat the recent ones: add `sustain: true` to the transform")
         plain = [(s, c.threshold) for s, c in levels if isinstance(c.threshold, float)
                  and c.for_s == 0 and c.count == 1]
         rising = self.rising

@@ -52,7 +52,7 @@ class PlainAnomaly:
     """The anomaly score of detectors/anomaly.py (without its seasonal view), reading by reading."""
 
     def __init__(self, warmup: int, medium: float = 0.05, short: float = 0.1, long: float = 0.01,
-                 calibration: float = 0.0005, decay: float = 0.01, echo: float = 0.1, local: float = 0.9,
+                 calibration: float = 0.0005, decay: float = 0.01, echo: float = 0.1, local: float | None = 0.9,
                  levels: int = 4, context: int = 4, context_weight: float = 2.5, drift: float = 0.0015,
                  drift_weight: float = 0.5):
         self.warmup, self.decay, self.echo, self.local = warmup, decay, echo, local
@@ -92,7 +92,7 @@ class PlainAnomaly:
         # the gap between the two means for white noise: Σ (w_level − w_baseline)² over the n readings
         a, b = self.level.alpha, self.baseline.alpha
         weights = [(a * (1 - a) ** (n - i) / (1 - (1 - a) ** n), b * (1 - b) ** (n - i) / (1 - (1 - b) ** n))
-                   for i in range(1, n + 1)] if n > 3 else []
+                   for i in range(1, n + 1)] if n > 3 and b > 0 else []
         gap_share = max(sum((wa - wb) ** 2 for wa, wb in weights), 1e-12)
         judged = n > 3
         features = {"spike": abs(error) / math.sqrt(max(spread_before, floor)) if judged else 0.0,
@@ -100,7 +100,7 @@ class PlainAnomaly:
                     "shift": abs(short_mean - level_before) / math.sqrt(max(level_var_before, floor) * self.short_share)
                     if judged else 0.0,
                     "drift": abs(level - baseline) / math.sqrt(max(baseline_var_before, baseline_floor) * gap_share)
-                    if judged else 0.0}
+                    if judged and b > 0 else 0.0}
         surprise = 0.0
         for name, feature in features.items():
             g = math.log1p(feature)
@@ -113,8 +113,9 @@ class PlainAnomaly:
         surprise = surprise if n > self.warmup else 0.0
         peak_before = max(self.peak - self.decay, 0.0)
         self.peak = max(peak_before, surprise)
-        local_record = surprise > self.record  # the echo counts only at a local record of surprise
-        self.record = max(self.local * self.record, surprise)
+        # the echo counts only at a local record of surprise (beaten by more than rounding), or always
+        local_record = self.local is None or surprise > self.record * (1 + 1e-9)
+        self.record = max((self.local or 0.0) * self.record, surprise)
         novelty = max(surprise - peak_before, 0.0) + (self.echo * surprise if local_record else 0.0)
         return novelty / (novelty + 10.0)
 
@@ -141,14 +142,14 @@ class PlainAnomaly:
 class Transform:
     """Plain versions of the stateful transforms (rebound, EWMA z-score, CUSUM, anomaly) for one series."""
 
-    def __init__(self, kind: str, alpha: float, k: float, warmup: int):
+    def __init__(self, kind: str, alpha: float, k: float, warmup: int, sustain: bool = False):
         self.kind, self.alpha, self.k, self.warmup = kind, alpha, k, warmup
         self.peak = self.trough = None
         self.fall = 0.0
         self.mean = self.var = 0.0
         self.count = 0
         self.high = self.low = 0.0
-        self.anomaly = PlainAnomaly(warmup) if kind == "anomaly" else None
+        self.anomaly = PlainAnomaly(warmup, local=None if sustain else 0.9) if kind == "anomaly" else None
 
     def step(self, v: float) -> float:
         if self.anomaly is not None:
@@ -241,7 +242,7 @@ class ReferenceRule:
         t = rule.transform
         self.series = [SeriesState(runs=[[math.nan, 0] for _ in range(len(rule.raise_.levels()) + 1)],
                                    ring=deque(maxlen=window_samples),
-                                   transform=Transform(t.kind, t.alpha, t.k, t.warmup) if t else None)
+                                   transform=Transform(t.kind, t.alpha, t.k, t.warmup, t.sustain) if t else None)
                        for _ in range(n_series)]
 
     def threshold(self, condition: Condition, row: int, ts: float) -> float:

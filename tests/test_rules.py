@@ -408,6 +408,8 @@ RULES = [
     {"field": "laeq_db", "transform": {"kind": "cusum", "alpha": 0.1, "k": 0.5, "warmup": 3},
      "raise": {"info": 4, "warning": {"threshold": 8, "count": 2}}, "clear": 1},
     {"field": "laeq_db", "transform": {"kind": "anomaly", "warmup": 3},
+     "raise": {"info": 0.2, "warning": 0.4}, "clear": {"threshold": 0.1, "count": 2}},
+    {"field": "laeq_db", "transform": {"kind": "anomaly", "warmup": 3, "sustain": True},
      "raise": {"info": 0.2, "warning": {"threshold": 0.4, "for_s": 60}}, "clear": 0.1},
 ]
 PARAM = {"limit_db": {"attribute": "zone_class", "day": {"1": 55, "2": 60}, "night": {"1": 45, "2": 50}}}
