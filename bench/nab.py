@@ -102,7 +102,8 @@ def main() -> None:
 
     n = sum(values.shape[0] for _, _, values in loaded)
     whole = finished - started - sum(passes) + passes[-1]  # reading, one scoring pass, writing
-    for label, seconds in ((f"scoring (fastest of {args.repeat})", min(passes)), ("whole run (CSV in and out)", whole)):
+    timed = ((f"scoring (fastest of {args.repeat})", min(passes)), ("whole run (CSV in and out)", whole))
+    for label, seconds in timed:
         print(f"{label:<28} {len(files)} series, {n:,} readings in {seconds:.3f} s: "
               f"{len(files) / seconds:,.0f} series/s, {n / seconds:,.0f} readings/s")
 

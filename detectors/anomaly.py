@@ -32,8 +32,8 @@ The parts, and why each is there:
   false alert at the shipped threshold in 3,000 simulated port-days (none at half; NAB −0.2).
   Measured at half weight, twelve seeds: a rise of 2–4 σ over 100–300 readings of noise is its
   series' highest score in 5–6, against 2–4 without the drift; on NAB +0.7.
-* **Seasonal view** (``period`` readings, 0 = off): the spike, volatility and shift on the difference from one
-  period ago, combined with the plain view by geometric mean, so a pattern that repeats every day
+* **Seasonal view** (``period`` readings, 0 = off): the spike, volatility and shift on the difference
+  from one period ago, combined with the plain view by geometric mean, so a pattern that repeats every day
   (a load peak, a nightly lull) stops being surprising while a spike on a seasonal series is still
   seen by both. The seasonal view also counts alone, at ``seasonal_alone`` (0.6) of its surprise: a
   day that lacks its usual peak holds only ordinary values (the plain view sees nothing, and a
@@ -64,9 +64,9 @@ The parts, and why each is there:
   that is a *local* record: its surprise beats the previous reading's, ``local`` (0.9) times the one
   before that, ``local``² times the one before that, and so on. The readings after a spike are still
   surprising while the statistics settle, each a little less than the one before, and the echo of
-  each made one event a run of alerts (six rows in a row on one NAB series; +1.2 on NAB without it). ``local=None`` lets every reading's echo count, so the score stays up
-  while an anomaly lasts (what a rule ``anomaly_score >= x for T`` needs: the transform's
-  ``sustain``).
+  each made one event a run of alerts (six rows in a row on one NAB series; the record is worth +1.2
+  on NAB). ``local=None`` lets every reading's echo count, so the score stays up while an anomaly
+  lasts (what a rule ``anomaly_score >= x for T`` needs: the transform's ``sustain``).
 * **Recurrence a period ago** (seasonal series only): the surprise is also judged against the largest
   surprise within ``band`` of a period (6%: about ±1.5 h of a day) one period before. An event that
   happened about this time yesterday too (a nightly batch job, a morning peak whose edge jitters by

@@ -110,8 +110,8 @@ class Transform(Strict):
     tapered and draws more again: thermal runaway); a reading ≤ 0 ends the session. ``ewma_z``: the
     reading's z-score against the series' own exponentially weighted mean and variance. ``cusum``:
     the two-sided CUSUM of that z-score, for slow drift (a smoke chamber getting dirty).
-    ``anomaly``: the anomaly score in [0, 1] of ``detectors/anomaly.py`` (spikes, level shifts and
-    variance changes against the series' own history, calibrated on its own score distribution; 0
+    ``anomaly``: the anomaly score in [0, 1] of ``detectors/anomaly.py`` (spikes, level shifts, drifts,
+    variance changes and patterns never shown before against the series' own history, calibrated on its own score distribution; 0
     during ``warmup``); ``anomaly_score >= 0.6 for 5 minutes`` is ``raise: {warning: {threshold: 0.6,
     for_s: 300}}`` with ``sustain: true``. The score is highest at an anomaly's first reading and
     falls back once the series is past it (one anomaly, one alert); ``sustain`` keeps it up for as
@@ -124,7 +124,7 @@ class Transform(Strict):
     k: float = Field(default=0.5, ge=0, description="CUSUM slack, in standard deviations")
     warmup: int = Field(default=20, ge=1, description="readings before a score is given")
     sustain: bool = Field(default=False, description="anomaly only: keep the score up while the readings stay "
-                                                     "unusual (for a rule held for a duration, for_s)")
+                                                     "unusual (for a raise held for_s or count)")
 
     @model_validator(mode="after")
     def _sustain_is_the_anomaly_scores(self) -> Transform:
@@ -222,7 +222,7 @@ class Rule(Strict):
         if not levels:
             raise ValueError("raise: needs a condition for at least one of info, warning, major, critical")
         if self.transform is not None and self.transform.kind == "anomaly" and not self.transform.sustain:
-            held = [s.name.lower() for s, c in levels if c.for_s > 0 or c.count > 1]
+            held = [s.name for s, c in levels if c.for_s > 0 or c.count > 1]
             if held:
                 raise ValueError(f"raise: {held[0]} is held (for_s or count) on the anomaly score, which is high "
                                  "only at readings that beat the recent ones: add `sustain: true` to the transform")
