@@ -125,6 +125,17 @@ def gap_share(a: float, b: float, seen_a: np.ndarray, seen_b: np.ndarray) -> np.
     return np.maximum(aa + bb - 2.0 * ab, 1e-12)
 
 
+def decaying_max(start: np.ndarray, values: np.ndarray, decay: float) -> tuple[np.ndarray, np.ndarray]:
+    """P ← max(P − decay, v) along each row of a block, as a running maximum of v + decay·t.
+
+    Returns (P decayed to each reading, before it counts: P₍ₜ₋₁₎ − decay; P after the last reading);
+    ``start`` is P before the block.
+    """
+    lift = decay * np.arange(1, values.shape[1] + 1)[None, :]
+    held = np.maximum.accumulate(np.concatenate([start[:, None], values + lift], axis=1), axis=1)
+    return held[:, :-1] - lift, held[:, -1] - lift[0, -1]
+
+
 class Ewm:
     """A bias-corrected exponentially weighted mean along time, for a block of several series."""
 
@@ -176,7 +187,7 @@ class Anomaly:
             raise ValueError("local must be in (0, 1), or None: the echo of every reading counts")
         if drift and not 0.0 < drift < long:
             raise ValueError("drift must be slower than long (0 < drift < long), or 0: no drift feature")
-        self.local, self.log_local = local, (None if local is None else float(np.log(local)))
+        self.local = local
         self.levels, self.context, self.context_weight = levels, context, context_weight
         self.seasonal_alone = seasonal_alone
         self.contexts = levels ** context
@@ -246,15 +257,11 @@ class Anomaly:
             surprise = surprise + self.context_weight * self._novel_context(rows, x)
         surprise = np.where(n > self.warmup, surprise, 0.0)
         recurring = self._recurring(rows, surprise) if self.period else 0.0
-        # decaying peak P ← max(s, P − decay), as a running maximum of s + decay·t
-        lift = self.decay * np.arange(1, width + 1)[None, :]
-        held = np.maximum.accumulate(np.concatenate([state["peak"][rows][:, None], surprise + lift], axis=1),
-                                     axis=1)
-        peak_before = np.maximum(held[:, :-1] - lift, 0.0)
-        state["peak"][rows] = held[:, -1] - lift[0, -1]
+        peak_before, state["peak"][rows] = decaying_max(state["peak"][rows], surprise, self.decay)
+        peak_before = np.maximum(peak_before, 0.0)
         state["count"][rows] = seen + width
         echo = self.echo * np.maximum(surprise - recurring, 0.0)
-        if self.log_local is not None:
+        if self.local is not None:
             echo = echo * self._local_record(rows, surprise)
         novelty = np.maximum(surprise - np.maximum(peak_before, recurring), 0.0) + echo
         return novelty / (novelty + HALF_SCORE_NATS)
@@ -314,13 +321,12 @@ class Anomaly:
         if width == 1:  # one reading per series (the rule engine's rounds): the recursion itself
             self.arrays["local"][rows] = np.maximum(self.local * record, surprise[:, 0])
             return surprise > record[:, None] * (1.0 + RECORD_MARGIN)
-        # in logs, L after reading t is max(ln L₀ + t·ln local, ln s_j + (t − j)·ln local), a running maximum
-        step = self.log_local * np.arange(width + 1)[None, :]
+        # in logs the record is the decaying maximum ln L ← max(ln L − decay, ln s), decay = −ln local
+        decay = -float(np.log(self.local))
         with np.errstate(divide="ignore"):  # a surprise (or record) of 0 is −inf in logs: never the record
-            logs = np.log(np.concatenate([record[:, None], surprise], axis=1))
-        held = np.maximum.accumulate(logs - step, axis=1) + step
-        self.arrays["local"][rows] = np.exp(held[:, -1])
-        return surprise > np.exp(held[:, :-1]) * (1.0 + RECORD_MARGIN)
+            before, after = decaying_max(np.log(record), np.log(surprise), decay)
+        self.arrays["local"][rows] = np.exp(after)
+        return surprise > np.exp(before + decay) * (1.0 + RECORD_MARGIN)  # L₍ₜ₋₁₎ itself, undecayed
 
     def _recurring(self, rows: np.ndarray, surprise: np.ndarray) -> np.ndarray:
         """For each reading, the largest surprise within ``band`` readings of one period before it."""
@@ -355,21 +361,21 @@ class Anomaly:
         short_mean, _ = ewm(self.short, "short_mean", x)
         shift = np.where(judged, np.abs(short_mean - level_before)
                          / np.sqrt(np.maximum(level_var_before, floor) * self.short_share), 0.0)
-        features = [("g_spike", spike), ("g_vol", volatility), ("g_shift", shift)]
+        features = [("g_spike", spike, 1.0), ("g_vol", volatility, 1.0), ("g_shift", shift, 1.0)]
         if self.drift and view == "plain":
             baseline, baseline_before = ewm(self.drift, "drift_level", x)
             _, drift_var_before = ewm(self.drift, "drift_var", (x - baseline_before) ** 2)
             drift_floor = (SCALE_FLOOR + RELATIVE_FLOOR * np.abs(baseline_before)) ** 2
             share = gap_share(self.long.alpha, self.drift.alpha, seen[self.long][0], seen[self.drift][0])
             wander = np.maximum(drift_var_before, drift_floor) * share
-            features.append(("g_drift", np.where(judged, np.abs(level - baseline) / np.sqrt(wander), 0.0)))
+            features.append(("g_drift", np.where(judged, np.abs(level - baseline) / np.sqrt(wander), 0.0),
+                             self.drift_weight))
         surprise = np.zeros_like(x)
-        for name, feature in features:
+        for name, feature, weight in features:
             g = np.log1p(feature)
             _, g_mean = ewm(self.calibration, name, g)
             _, g_var = ewm(self.calibration, name + "_var", (g - g_mean) ** 2)
             tail = (g - g_mean) / np.sqrt(np.maximum(g_var, SPREAD_FLOOR))
             # independent evidence adds up; only what is beyond a coin flip (p < 1/2) counts
-            evidence = np.maximum(-log_ndtr(-tail) - LN_2, 0.0)
-            surprise += self.drift_weight * evidence if name == "g_drift" else evidence
+            surprise += weight * np.maximum(-log_ndtr(-tail) - LN_2, 0.0)
         return surprise

@@ -149,7 +149,7 @@ class Transform:
         self.mean = self.var = 0.0
         self.count = 0
         self.high = self.low = 0.0
-        self.anomaly = PlainAnomaly(warmup, local=None if sustain else 0.9) if kind == "anomaly" else None
+        self.anomaly = PlainAnomaly(warmup, **({"local": None} if sustain else {})) if kind == "anomaly" else None
 
     def step(self, v: float) -> float:
         if self.anomaly is not None:
