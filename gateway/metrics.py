@@ -134,13 +134,18 @@ class Stats(Collector):
                                         "Readings settled before their lateness bound because the replay buffer was "
                                         "full (detection.replay_max_pending); later readings than them apply in "
                                         "arrival order", labels=["kind"])
+            copied = CounterMetricFamily("streetbrain_replay_caught_up",
+                                         "Readings the replay's shadow took by copying their series' live state "
+                                         "(every held reading of the series taken at once) instead of stepping them",
+                                         labels=["kind"])
             held = GaugeMetricFamily("streetbrain_replay_pending", "Readings held for replaying late ones",
                                      labels=["kind"])
             for kind, engine in self.replaying.items():
                 replays.add_metric([kind], engine.replays)
                 early.add_metric([kind], engine.settled_early)
+                copied.add_metric([kind], engine.caught_up)
                 held.add_metric([kind], len(engine.pending))
-            yield from (replays, early, held)
+            yield from (replays, early, copied, held)
         if self.telemetry is not None:
             for name, value in self.telemetry.state().items():
                 family = GaugeMetricFamily(f"streetbrain_telemetry_{name}", f"Telemetry store: {name.replace('_', ' ')}")

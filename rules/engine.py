@@ -201,6 +201,15 @@ class RuleState:
         return dict(vars(self))
 
 
+CLOCK_STATE = ("last_seen", "offline", "offline_since", "offline_by_will")  # gateway-clock state
+
+
+def series_last(key: str) -> bool:
+    """Whether the state array of snapshot key ``key`` holds the series on its last axis (a rule's
+    (levels, series) arrays) rather than its first (everything else, a rule's transform included)."""
+    return key.startswith("rule.") and ".transform." not in key
+
+
 def _starts(rows: np.ndarray) -> np.ndarray:
     """Where a new series begins in readings sorted by series."""
     first = np.ones(rows.shape[0], dtype=bool)
@@ -687,8 +696,13 @@ class KindEngine:
     # -- snapshot -----------------------------------------------------------------------------
     def snapshot(self) -> dict[str, np.ndarray]:
         """Every state array, keyed for :meth:`restore`; rows are identified by device and port."""
+        keys = np.array([f"{d}#{p}" for d, p in zip(self.series.device_ids, self.series.ports)])
+        return {"keys": keys, **self.state_arrays()}
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Every state array itself (not a copy), by its snapshot key. A rule's arrays have the series
+        on their last axis (see :func:`series_last`), every other array on its first."""
         out: dict[str, np.ndarray] = {
-            "keys": np.array([f"{d}#{p}" for d, p in zip(self.series.device_ids, self.series.ports)]),
             "last_ts": self.last_ts, "max_seq": self.max_seq, "seq_bits": self.seq_bits,
             "last_seen": self.last_seen, "offline": self.offline, "offline_since": self.offline_since,
             "offline_by_will": self.offline_by_will,
@@ -704,6 +718,18 @@ class KindEngine:
             for name, a in transform.state().items():
                 out[f"rule.{self.rules[i].rule_id}.transform.{name}"] = a
         return out
+
+    def copy_series(self, other: KindEngine, rows: np.ndarray) -> None:
+        """Set the device-time state of ``rows`` to ``other``'s (an engine of the same profile and
+        series); the gateway-clock state (last heard, offline) stays this engine's."""
+        theirs = other.state_arrays()
+        for key, mine in self.state_arrays().items():
+            if key in CLOCK_STATE:
+                continue
+            if series_last(key):
+                mine[..., rows] = theirs[key][..., rows]
+            else:
+                mine[rows] = theirs[key][rows]
 
     def restore(self, saved: dict[str, np.ndarray], now: float) -> int:
         """Take back state saved by :meth:`snapshot`; returns how many series were restored.

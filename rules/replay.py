@@ -11,9 +11,10 @@ lateness bound), and the readings since then. When a late reading comes, its ser
 is set back to the shadow's state and its recent readings are replayed with the late one in device
 time order: the state is exactly what in-order processing gives. Alert events the replay repeats
 are not sent twice; an alert the replay no longer raises is withdrawn with a ``cleared`` event
-marked ``retracted``, and one it raises anew is sent. Every reading costs two detector steps
-(live and shadow); the shadow is stepped at most every ``advance_every_s`` of gateway time, in one
-batch.
+marked ``retracted``, and one it raises anew is sent. A reading costs two detector steps (live and
+shadow); the shadow is stepped at most every ``advance_every_s`` of gateway time, in one batch. When
+the shadow takes every reading a series holds, it copies the series' live state instead (see
+:meth:`ReplayingEngine._to_shadow`): under a city's load, most readings cost one step.
 """
 
 from __future__ import annotations
@@ -24,33 +25,45 @@ from typing import Any
 
 import numpy as np
 
-from rules.engine import ColumnBatch, Evaluation, KindEngine
+from rules.engine import ColumnBatch, Evaluation, KindEngine, series_last
 from rules.events import EVENT_ZH, SEVERITY_ZH, AlertEvent, alert_id, severity_name
 
 ACTIVE = ("raised", "updated", "flapping")
 
 
 class Pending:
-    """Accepted readings the shadow has not taken yet, as chunks of columns in arrival order."""
+    """Accepted readings the shadow has not taken yet, as chunks of columns in arrival order, with the
+    device-time span of each chunk and how many readings each series has held."""
 
     max_chunk = 16384  # readings a merged chunk may hold: settling the oldest never splits a giant one
 
     def __init__(self, n_fields: int):
         self.chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.spans: list[tuple[float, float]] = []  # each chunk's oldest and newest device time
+        self.held = np.zeros(0, dtype=np.int64)  # readings held, by series
         self.n_fields = n_fields
         self.count = 0
 
     def add(self, rows: np.ndarray, ts: np.ndarray, values: np.ndarray, seq: np.ndarray) -> None:
-        if rows.shape[0]:
-            self.chunks.append((rows, ts, values, seq))
-            self.count += int(rows.shape[0])
-            # a chunk per batch would make every take_ripe a Python loop over thousands of them (a stall
-            # of 100+ ms a second under load): neighbours of like size merge, as in a log-structured
-            # merge, up to max_chunk, so there are few chunks and each reading is copied a few times
-            while len(self.chunks) > 1 and self.chunks[-2][0].shape[0] <= 2 * self.chunks[-1][0].shape[0] and (
-                    self.chunks[-2][0].shape[0] + self.chunks[-1][0].shape[0] <= self.max_chunk):
-                older, newer = self.chunks[-2], self.chunks[-1]
-                self.chunks[-2:] = [tuple(np.concatenate(parts) for parts in zip(older, newer))]  # type: ignore[list-item]
+        if not rows.shape[0]:
+            return
+        self.chunks.append((rows, ts, values, seq))
+        self.spans.append((float(ts.min()), float(ts.max())))
+        self.count += int(rows.shape[0])
+        top = int(rows.max())
+        if top >= self.held.shape[0]:  # series registered since: grown by half at least, not one by one
+            grown = max(top + 1, self.held.shape[0] * 3 // 2)
+            self.held = np.concatenate([self.held, np.zeros(grown - self.held.shape[0], dtype=np.int64)])
+        np.add.at(self.held, rows, 1)
+        # a chunk per batch would make every take_ripe a Python loop over thousands of them (a stall
+        # of 100+ ms a second under load): neighbours of like size merge, as in a log-structured
+        # merge, up to max_chunk, so there are few chunks and each reading is copied a few times
+        while len(self.chunks) > 1 and self.chunks[-2][0].shape[0] <= 2 * self.chunks[-1][0].shape[0] and (
+                self.chunks[-2][0].shape[0] + self.chunks[-1][0].shape[0] <= self.max_chunk):
+            older, newer = self.chunks[-2], self.chunks[-1]
+            self.chunks[-2:] = [tuple(np.concatenate(parts) for parts in zip(older, newer))]  # type: ignore[list-item]
+            (a, b), (c, d) = self.spans[-2:]
+            self.spans[-2:] = [(min(a, c), max(b, d))]
 
     def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if not self.chunks:
@@ -63,32 +76,45 @@ class Pending:
 
     def take_ripe(self, horizon: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """Remove and return the readings older than their series' ``horizon``; chunks are only copied
-        where they split."""
-        ripe, kept = [], []
-        for chunk in self.chunks:
+        where they split, and only read where their span straddles the horizons (reading every
+        chunk at each settling was a tenth of the gateway's detection with a city's buffer full)."""
+        ripe, kept, spans = [], [], []
+        lowest, highest = float(horizon.min()), float(horizon.max())
+        for chunk, (oldest, newest) in zip(self.chunks, self.spans):
+            if oldest >= highest:  # nothing in it is older than any horizon
+                kept.append(chunk)
+                spans.append((oldest, newest))
+                continue
+            if newest < lowest:  # all of it is older than every horizon
+                ripe.append(chunk)
+                continue
             mask = chunk[1] < horizon[chunk[0]]
             if mask.all():
                 ripe.append(chunk)
             elif mask.any():
                 ripe.append(tuple(part[mask] for part in chunk))
                 kept.append(tuple(part[~mask] for part in chunk))
+                spans.append((float(kept[-1][1].min()), float(kept[-1][1].max())))
             else:
                 kept.append(chunk)
-        self.chunks = kept  # type: ignore[assignment]
+                spans.append((oldest, newest))
+        self.chunks, self.spans = kept, spans  # type: ignore[assignment]
         self.count = sum(int(c[0].shape[0]) for c in kept)
         if not ripe:
             return None
-        return tuple(np.concatenate(parts) for parts in zip(*ripe))  # type: ignore[return-value]
+        taken = tuple(np.concatenate(parts) for parts in zip(*ripe))
+        self.held -= np.bincount(taken[0], minlength=self.held.shape[0])
+        return taken  # type: ignore[return-value]
 
     def oldest_beyond(self, keep: int) -> float:
         """A device time before which at least all but ``keep`` of the readings lie: the newest of the
         oldest chunks that hold the excess (arrival order is nearly device-time order; a reading that
         came late but is older goes with them, so each series is still settled in time order)."""
         excess, newest = self.count - keep, -np.inf
-        for chunk in self.chunks:
+        for chunk, (_, last) in zip(self.chunks, self.spans):
             if excess <= 0:
                 break
-            newest = max(newest, float(chunk[1].max()))
+            newest = max(newest, last)
             excess -= chunk[0].shape[0]
         return float(np.nextafter(newest, np.inf))
 
@@ -102,6 +128,7 @@ class ReplayingEngine(KindEngine):
     advance_every_s = 1.0
     settle_every_s = 0.1  # over its bound, the buffer is settled at most this often (each settling reads it all)
     max_pending = 500_000  # readings held for replay at most (the gateway sets detection.replay_max_pending)
+    copies_caught_up = True  # see _to_shadow (off: the shadow steps every reading, as a benchmark's baseline)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -113,6 +140,7 @@ class ReplayingEngine(KindEngine):
         self.recent: dict[int, deque[AlertEvent]] = defaultdict(deque)  # sent since the horizon, by series
         self.replays = 0  # series rewound and replayed (a metric)
         self.settled_early = 0  # readings handed to the shadow before their lateness bound, memory being full
+        self.caught_up = 0  # readings the shadow took by copying the live state of their series
         self._row_of: dict[tuple[str, int], int] = {}
 
     def ensure_series(self) -> None:
@@ -291,9 +319,25 @@ class ReplayingEngine(KindEngine):
 
     def _to_shadow(self, ripe: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None,
                    gateway_time: float) -> None:
-        if ripe is not None:
-            rows, ts, values, seq = ripe
-            self.shadow.evaluate(ColumnBatch(rows, ts, values, self.fields, seq), gateway_time)
+        """Step the shadow through ``ripe``, taken from the buffer. A series that has no reading left
+        in the buffer ends where the live state already is (the shadow's state, then every reading the
+        live one took since, in device-time order: see :meth:`_rewind`): its live state is copied
+        instead of stepped a second time. Under a city's load, when the buffer is settled by its bound
+        and a batched message is a series' only held readings, that is most of them."""
+        if ripe is None:
+            return
+        rows, ts, values, seq = ripe
+        stepped = self.pending.held[rows] > 0
+        if not self.copies_caught_up:
+            stepped[:] = True
+        caught_up = np.flatnonzero(np.bincount(rows[~stepped], minlength=0))  # (no sort, unlike np.unique)
+        if caught_up.shape[0]:
+            self.shadow.copy_series(self, caught_up)
+            self.caught_up += int(rows.shape[0] - np.count_nonzero(stepped))
+            if not stepped.any():
+                return
+            rows, ts, values, seq = rows[stepped], ts[stepped], values[stepped], seq[stepped]
+        self.shadow.evaluate(ColumnBatch(rows, ts, values, self.fields, seq), gateway_time)
 
     # -- state -----------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, np.ndarray]:
@@ -329,8 +373,7 @@ def state_of(engine: KindEngine, rows: np.ndarray) -> dict[str, np.ndarray]:
     """The snapshot of ``rows`` alone, in the form :meth:`KindEngine.restore` takes."""
     out = {}
     for key, a in engine.snapshot().items():
-        series_last = key.startswith("rule.") and ".transform." not in key  # (levels, series) arrays
-        out[key] = a[..., rows] if series_last else a[rows]
+        out[key] = a[..., rows] if series_last(key) else a[rows]
     return out
 
 

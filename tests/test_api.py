@@ -58,6 +58,7 @@ def test_health_readiness_metrics_and_the_page_need_no_token(api):
     assert 'streetbrain_smoke_hints_total{event="hint_first"}' in metrics
     assert "streetbrain_smoke_hint_lane_connected 1.0" in metrics
     assert "streetbrain_replay_pending{kind=\"smoke\"}" in metrics and "streetbrain_replay_settled_early_total" in metrics
+    assert "streetbrain_replay_caught_up_total{kind=\"meter\"}" in metrics
     page = api("GET", "/", token=None)
     assert page.status_code == 200 and "街脑" in page.text and "http" not in page.text.split("<script>")[0].lower()
     docs = api("GET", "/docs", token=None)

@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rules.engine import ColumnBatch, KindEngine
+from rules.engine import CLOCK_STATE, ColumnBatch, KindEngine
 from rules.model import KindProfile
 from rules.replay import Pending, ReplayingEngine
 from tests.test_rules import Series
@@ -119,6 +119,80 @@ def test_any_disorder_within_lateness_ends_in_the_state_and_alerts_of_device_tim
     assert active == still, "downstream ends holding exactly the alerts device-time order leaves active"
 
 
+def _messages(rng: random.Random, n_series: int, lateness_s: float) -> list[list[tuple[int, float, float, int]]]:
+    """Batched devices: each series sends messages of 1-10 readings; they arrive in send order but
+    for 15% of them, late by up to ``lateness_s`` * 0.9."""
+    sent = []
+    for row in range(n_series):
+        t, level, seq = T0 + rng.uniform(0, 300), rng.uniform(55, 85), 0
+        for _ in range(rng.randint(3, 10)):
+            message = []
+            for _ in range(rng.randint(1, 10)):
+                t += rng.choice([10.0, 30.0, 60.0])
+                level = min(95.0, max(40.0, level + rng.gauss(0, 6)))
+                seq += 1
+                message.append((row, t, round(level, 1), seq))
+            sent.append((t + (rng.uniform(0, lateness_s * 0.9) if rng.random() < 0.15 else 0.0), message))
+            t += rng.uniform(0, 400)
+    sent.sort(key=lambda m: m[0])
+    return [m for _, m in sent]
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 5), st.sampled_from([2, 4, 10]))
+def test_the_shadow_copying_a_caught_up_series_ends_where_stepping_it_would(seed, n_series, share):
+    """When the shadow takes every held reading of a series (the buffer settled by its bound, a
+    batched message that is a series' only held readings), it copies the series' live state instead of
+    stepping the readings again (rules/replay.py): the live state, the shadow's and every event are what
+    stepping gives, late readings and replays included."""
+    rng = random.Random(seed)
+    rules = {**RULES, "odd": {"field": "laeq_db", "transform": {"kind": "anomaly", "warmup": 8},
+                              "raise": {"info": 0.6}, "clear": 0.05, "flapping": None},
+             "drift": {"field": "laeq_db", "transform": {"kind": "cusum", "warmup": 5},
+                       "raise": {"info": {"threshold": 4, "count": 2}}, "clear": 1, "flapping": None}}
+    profile = KindProfile.model_validate({"rules": rules, "lateness_s": 600.0, "window_samples": 16})
+    copying, stepping = (ReplayingEngine("noise", profile, ("laeq_db",), Series(n_series), started_at=0)
+                         for _ in range(2))
+    stepping.copies_caught_up = False
+    messages = _messages(rng, n_series, 600.0)
+    for engine in (copying, stepping):
+        engine.max_pending = max(5, sum(map(len, messages)) // share)  # a half, a quarter, a tenth held
+        engine.settle_every_s = 0.0
+    now = T0
+    for i, message in enumerate(messages):
+        now = max(now, max(r[1] for r in message)) + 1.0
+        out = [engine.evaluate(batch(message), now) for engine in (copying, stepping)]
+        assert [(e.alert_id, e.event, e.ts, e.retracted) for e in out[0].events] == [
+            (e.alert_id, e.event, e.ts, e.retracted) for e in out[1].events]
+        if i % 5 == 4:
+            for engine in (copying, stepping):
+                engine.advance(now)
+    for mine, theirs, clock in ((copying, stepping, True), (copying.shadow, stepping.shadow, False)):
+        ours, others = mine.state_arrays(), theirs.state_arrays()
+        for key, a in ours.items():
+            if key in CLOCK_STATE and not clock:  # not copied: a rewind keeps the live engine's
+                continue
+            if a.dtype.kind == "f":  # blocks and single readings agree to rounding (tests/test_anomaly.py)
+                np.testing.assert_allclose(a, others[key], rtol=1e-9, atol=1e-12, err_msg=key)
+            else:
+                np.testing.assert_array_equal(a, others[key], err_msg=key)
+    assert stepping.caught_up == 0 and copying.settled_early == stepping.settled_early
+
+
+def test_the_shadow_copies_batched_series_under_load():
+    """The case the copy is for (a city's batched boxes, the buffer at its bound): nearly every reading
+    the shadow takes is copied state, not stepped a second time."""
+    _, engine = engines(50)
+    engine.max_pending = 200
+    engine.settle_every_s = 0.0
+    for k in range(150):
+        row = k % 50
+        part = [(row, T0 + 10 * k + 0.01 * i, 60.0 + i % 7, 20 * k + i + 1) for i in range(20)]
+        engine.evaluate(batch(part), T0 + 10 * k + 2)
+    assert engine.settled_early > 2000
+    assert engine.caught_up >= 0.99 * engine.settled_early
+
+
 def test_a_restart_replays_what_came_after_it_exactly_and_takes_older_late_readings(tmp_path):
     """The snapshot holds the live state only (it is written every second, so it must not grow with the
     message rate); after a restart, disorder among new readings is still undone exactly."""
@@ -165,23 +239,31 @@ def test_held_readings_stay_in_few_chunks_in_arrival_order_and_ripen_exactly():
     # a chunk per batch made each second's take_ripe a Python loop over thousands (p99 stalls)
     rng = np.random.default_rng(3)
     pending, rows, ts = Pending(1), [], []
-    for _ in range(5000):
+    for k in range(5000):
         n = int(rng.integers(1, 8))
-        r, t = rng.integers(0, 50, n), rng.uniform(0, 1000, n)
+        # arrival nearly in device-time order, as in the gateway, some readings far behind
+        r, t = rng.integers(0, 50, n), k / 5 + np.where(rng.random(n) < 0.05, -rng.uniform(0, 300, n), 0.0)
         pending.add(r, t, t[:, None], np.full(n, -1))
         rows.append(r)
         ts.append(t)
     total = sum(len(r) for r in rows)
     assert len(pending) == total and len(pending.chunks) <= 2 * np.log2(total)
-    horizon = rng.uniform(0, 1000, 50)
     all_rows, all_ts = np.concatenate(rows), np.concatenate(ts)
-    ripe = pending.take_ripe(horizon)
-    assert ripe is not None
-    older = all_ts < horizon[all_rows]
-    np.testing.assert_array_equal(ripe[0], all_rows[older])
-    np.testing.assert_array_equal(ripe[1], all_ts[older])
-    np.testing.assert_array_equal(pending.columns()[1], all_ts[~older])
-    assert len(pending) == int((~older).sum())
+    left = np.ones(total, dtype=bool)
+    # per-series horizons, then the bound's cut under them (chunks wholly older or newer are not read)
+    for cut in (-np.inf, 200.0, 500.0, 990.0):
+        horizon = np.maximum(rng.uniform(0, 1000, 50), cut)
+        ripe = pending.take_ripe(horizon)
+        older = left & (all_ts < horizon[all_rows])
+        assert ripe is not None
+        np.testing.assert_array_equal(ripe[0], all_rows[older])
+        np.testing.assert_array_equal(ripe[1], all_ts[older])
+        left &= ~older
+        np.testing.assert_array_equal(pending.columns()[1], all_ts[left])
+        assert len(pending) == int(left.sum())
+        np.testing.assert_array_equal(pending.held[:50], np.bincount(all_rows[left], minlength=50))
+        assert not pending.held[50:].any()
+        assert all((c[1].min(), c[1].max()) == span for c, span in zip(pending.chunks, pending.spans))
 
 
 def test_the_gateway_pipeline_replays_a_late_meter_reading_across_batches():
