@@ -333,21 +333,27 @@ class Gateway:
         if newest is not None:
             # how far behind the devices the gateway is: gateway time − the newest device time taken
             self.stats.ingest_lag_s = max(0.0, now - newest)
-        if outcome.alerts:
-            # in the store before the readings are acknowledged: a crash loses no incident
-            await self._absorb(outcome.alerts, now)
         if self.telemetry is not None:
             self.telemetry.readings(list(outcome.readings()) if outcome.accepted_columns else outcome.accepted)
             self.telemetry.alerts(outcome.alerts)
         self._remember(outcome)
-        if outcome.alerts:  # changes made elsewhere (API, command line) are housekeeping's, every tick
-            # the incident updates are read from the store while the alerts await their PUBACKs
-            await asyncio.gather(self._publish(outcome, publisher, now), self._publish_incident_changes(publisher))
+        if outcome.alerts:
+            # The alerts go out while their incidents are committed. The readings are acknowledged only
+            # once both are done (and a snapshot holds them), so a crash loses neither, and the order
+            # between the two guarded nothing: committed first, every alert waited for the store's
+            # fsync before it was even sent.
+            await asyncio.gather(self._publish(outcome, publisher, now), self._absorb_and_tell(outcome.alerts, now, publisher))
         else:
             await self._publish(outcome, publisher, now)
         # acknowledged once a snapshot holds what these readings did (see _commit)
         self.unacked.extend(receiver.pubacks(batch))
         self.stats.publish_failures = publisher.failures
+
+    async def _absorb_and_tell(self, alerts: list[Any], now: float, publisher: Publisher) -> None:
+        """The batch's incidents into the store, then their changes out (changes made elsewhere, by the API
+        or the command line, are housekeeping's, every tick)."""
+        await self._absorb(alerts, now)
+        await self._publish_incident_changes(publisher)
 
     async def _absorb(self, alerts: list[Any], now: float) -> None:
         """Into the incident store, however long the store is away: the batch (and the ingest) waits
