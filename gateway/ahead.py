@@ -7,8 +7,10 @@ wall. Decoding a batch is a pure function of its bytes, so it can be done earlie
 receiver's I/O thread offers each message that looks like a batch to this module's thread, which
 hands what has piled up to a worker process (the second core) and attaches each result, the columns
 as arrays, to its waiting message. When the main thread takes a message it uses the result if it is
-there and decodes the message itself if it is not: it never waits for the worker. So the worker only
-ever adds throughput; a worker that is slow, dead, hung or restarting costs nothing but its own work.
+there and decodes the message itself if it is not. It waits for the worker only for an exchange under
+way that holds messages of its batch, and then WAIT_MAX_S at most (never for a batch with smoke in
+it): decoding those itself would do the worker's work twice, which under load was half the batches.
+So a worker that is slow, dead, hung or restarting costs its own work and at most WAIT_MAX_S a batch.
 (A payload that crashed the parser would crash the worker, and the main thread would then decode it
 itself: this isolates the worker's own failures, the OOM killer say, not the parser's.) Everything else (topic, device,
 rate limit, the batch's device_id, dead letters) stays on the main thread in arrival order, and the
@@ -22,6 +24,7 @@ needs the usual ``if __name__ == "__main__":`` guard (``streetbrain`` and ``pyth
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing as mp
 import pickle
@@ -49,6 +52,7 @@ OFFERED_MAX = 100_000  # messages offered and not yet looked at, beyond which of
 EXCHANGE_TIMEOUT_S = 10.0  # a worker that has not answered 512 messages (~50 ms of work) by then is hung
 START_MIN = 16  # batches waiting at once that start the worker: a street's trickle never needs one
 RESTART_S = 5.0  # a dead worker is started again after this long; meanwhile the main thread decodes
+WAIT_MAX_S = 0.02  # the main thread waits at most this long for an exchange holding its batch's messages
 
 
 def _worker(conn: Any, max_readings: int) -> None:
@@ -152,6 +156,36 @@ class DecodeAhead:
         self.exchanges = 0
         self.starts = 0  # worker processes started (more than one: it died and was restarted)
         self.failures = 0  # workers that died or could not start
+        self.waits = 0  # batches whose main thread waited for an exchange under way
+        self.loop: asyncio.AbstractEventLoop | None = None  # the main thread's, to wake it when an exchange ends
+        self._waiters: list[asyncio.Future[None]] = []  # (only touched on that loop)
+
+    async def settled(self, messages: list[Inbound]) -> None:
+        """From the main thread, before it decodes ``messages``: if some are with the worker right now,
+        wait for that exchange (at most WAIT_MAX_S). Decoding them here instead would do the worker's
+        work a second time: under load the main thread, freed of other work, did so for half the
+        batches (docs/PERFORMANCE.md)."""
+        if not any(m.inflight for m in messages):
+            return
+        self.loop = asyncio.get_running_loop()
+        waiter = self.loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            if any(m.inflight for m in messages):  # (the exchange may have ended meanwhile)
+                self.waits += 1
+                await asyncio.wait_for(waiter, WAIT_MAX_S)
+        except TimeoutError:
+            pass
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _release(self) -> None:
+        """On the main thread's loop: an exchange ended."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def start(self) -> DecodeAhead:
         self._thread = threading.Thread(target=self._run, name="decode-ahead", daemon=True)
@@ -256,6 +290,21 @@ class DecodeAhead:
         return into
 
     def _exchange(self, messages: list[Inbound]) -> None:
+        for m in messages:
+            m.inflight = True
+        try:
+            self._trade(messages)
+        finally:  # with results or without, a main thread waiting for these goes on
+            for m in messages:
+                m.inflight = False
+            loop = self.loop
+            if loop is not None:
+                try:
+                    loop.call_soon_threadsafe(self._release)
+                except RuntimeError:  # the loop is closed: nobody waits any more
+                    pass
+
+    def _trade(self, messages: list[Inbound]) -> None:
         request = pickle.dumps([(m.topic.split("/", 3)[2], m.payload) for m in messages], protocol=5)
         self._busy_since = time.monotonic()  # a hung worker blocks even the send: the watchdog kills it
         try:
@@ -322,4 +371,5 @@ class DecodeAhead:
 
     def state(self) -> dict[str, float]:
         return {"decoded": self.decoded, "exchanges": self.exchanges, "starts": self.starts,
-                "failures": self.failures, "dropped": self.dropped, "running": float(self._process is not None)}
+                "failures": self.failures, "dropped": self.dropped, "waits": self.waits,
+                "running": float(self._process is not None)}

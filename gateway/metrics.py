@@ -104,6 +104,8 @@ class Stats(Collector):
                     (CounterMetricFamily, "decode_worker_failures", "failures",
                      "Decode-ahead workers that died or did not start (the main thread decodes)"),
                     (GaugeMetricFamily, "decode_worker_running", "running", "1 while a decode-ahead worker runs"),
+                    (CounterMetricFamily, "decode_ahead_waits", "waits",
+                     "Batches whose main thread waited for the worker's answer on some of their messages"),
                     (CounterMetricFamily, "decode_ahead_dropped", "dropped",
                      "Messages not offered to decode-ahead because its thread was not taking them (decoded by "
                      "the main thread instead)")):

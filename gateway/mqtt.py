@@ -68,6 +68,7 @@ class Inbound:
     generation: int  # which connection it arrived on: acks are only valid on that one
     claimed: bool = False  # taken by the main thread: decoding it ahead is no use any more
     ahead: Any = None  # its batch decoded by the decode-ahead worker (gateway/ahead.py), when it was
+    inflight: bool = False  # with the decode-ahead worker right now (gateway/ahead.py)
     hint: bool = False  # a copy from the smoke hint lane (gateway/hints.py), not the record: never acknowledged
 
 

@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,7 @@ from gateway.broker import EmbeddedBroker, reachable
 from gateway.config import BrokerAddress, Config, parse_broker_url
 from gateway.metrics import Stats
 from gateway.hints import Twins
-from gateway.mqtt import Inbound, Publisher, Receiver
+from gateway.mqtt import URGENT, Inbound, Publisher, Receiver
 from gateway.decode import DeadLetter, recent_rows
 from gateway.incidents.queue import IncidentQueue
 from gateway.incidents.store import Database
@@ -323,6 +323,8 @@ class Gateway:
                 return
 
     async def _process_one(self, batch: list[Inbound], receiver: Receiver, publisher: Publisher) -> None:
+        if receiver.ahead is not None and URGENT not in batch[0].topic:  # a fire never waits for bulk decoding
+            await receiver.ahead.settled(batch)
         now = time.time()
         work = batch
         if self.twins is not None:  # the smoke hint lane's copies and their twins (gateway/hints.py)
@@ -353,7 +355,9 @@ class Gateway:
         """The batch's incidents into the store, then their changes out (changes made elsewhere, by the API
         or the command line, are housekeeping's, every tick)."""
         await self._absorb(alerts, now)
-        await self._publish_incident_changes(publisher)
+        # committed: a failure to read the changes back no longer fails the batch (housekeeping
+        # publishes them at its next tick, from the same place in the audit log)
+        await self._tolerant("publishing incident changes", self._publish_incident_changes(publisher))
 
     async def _absorb(self, alerts: list[Any], now: float) -> None:
         """Into the incident store, however long the store is away: the batch (and the ingest) waits
@@ -490,17 +494,31 @@ class Gateway:
                 next_offline = t + detection.offline_check_interval_s
                 events = self.pipeline.check_offline(now)
                 if events:
-                    await self.in_store(self.incidents.absorb, events, now)
+                    # stored however long the store is away, as a batch's alerts are: the detectors
+                    # already count these devices offline and would not raise it again
+                    await self._absorb(events, now)
                     await self._publish(Outcome(alerts=events), publisher, now)
                     if self.telemetry is not None:
                         self.telemetry.alerts(events)
+            # A step the store fails is tried again at its next tick. Before, one failed SLA tick or
+            # read of incident changes ended housekeeping for good: no snapshot, no acknowledgement
+            # and no offline check after it, until the receive window filled and ingest stalled.
             if t >= next_sla:
                 next_sla = t + incidents.sla_check_interval_s
-                await self.in_store(self.incidents.sla_tick, now)
-            await self._publish_incident_changes(publisher)  # ours, and the command line's, the API's…
+                await self._tolerant("SLA tick", self.in_store(self.incidents.sla_tick, now))
+            # ours, and the command line's, the API's…
+            await self._tolerant("publishing incident changes", self._publish_incident_changes(publisher))
             if t >= next_snapshot:
                 next_snapshot = t + detection.snapshot_interval_s
-                await self._commit(receiver)
+                await self._tolerant("snapshot", self._commit(receiver))
+
+    async def _tolerant(self, what: str, step: Awaitable[Any]) -> None:
+        """``step``, and if it fails, say so, count it and go on: it is tried again at its next tick."""
+        try:
+            await step
+        except Exception as exc:
+            self.stats.pipeline_errors += 1
+            log.error("%s failed (%s); tried again at the next tick", what, exc or type(exc).__name__)
 
     async def _publish_incident_changes(self, publisher: Publisher) -> None:
         """Every audit line not yet published, as the incident's current state, retained on

@@ -280,3 +280,46 @@ def test_the_worker_keeps_at_most_ahead_max_decoded_messages_waiting(street, mon
     while sum(m.ahead is not None for m in fresh) < 40 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sum(m.ahead is not None for m in fresh) >= 40
+
+
+def test_the_main_thread_waits_for_an_exchange_holding_its_messages_and_not_longer_than_wait_max(street, monkeypatch):
+    """Decoding a message the worker has in hand would do its work twice (under load the main thread
+    did so for half the batches): the main thread waits for that exchange, but never long."""
+    import asyncio
+    import os
+    import signal
+
+    _, registry, worker = street
+    first = _inbound(_messages(registry, random.Random(12)))
+    worker.offer(first)
+    _wait_decoded(first)  # the worker is up
+
+    def in_hand(seed: int) -> list[Inbound]:
+        messages = _inbound(_messages(registry, random.Random(seed)))
+        worker.offer(messages)
+        deadline = time.monotonic() + 10
+        while not any(m.inflight for m in messages) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert any(m.inflight for m in messages)
+        return messages
+
+    async def settle(messages: list[Inbound], resume_after: float | None) -> float:
+        if resume_after is not None:
+            asyncio.get_running_loop().call_later(resume_after, os.kill, worker._process.pid, signal.SIGCONT)
+        start = time.monotonic()
+        await worker.settled(messages)
+        return time.monotonic() - start
+
+    monkeypatch.setattr(ahead_module, "WAIT_MAX_S", 5.0)
+    os.kill(worker._process.pid, signal.SIGSTOP)  # the exchange stays in hand until it resumes
+    messages = in_hand(13)
+    waited = asyncio.run(settle(messages, resume_after=0.3))
+    assert 0.25 < waited < 4.0 and not any(m.inflight for m in messages)
+    assert all(m.ahead is not None for m in messages if b'"readings"' in m.payload)  # its results, not ours
+
+    monkeypatch.setattr(ahead_module, "WAIT_MAX_S", 0.2)
+    os.kill(worker._process.pid, signal.SIGSTOP)  # a worker that does not answer costs WAIT_MAX_S at most
+    messages = in_hand(14)
+    waited = asyncio.run(settle(messages, resume_after=None))
+    os.kill(worker._process.pid, signal.SIGCONT)
+    assert 0.15 < waited < 1.0 and worker.state()["waits"] == 2

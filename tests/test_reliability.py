@@ -354,3 +354,50 @@ def test_an_incident_store_that_fails_a_write_holds_the_batch_until_it_is_stored
     row = db.fetchone("SELECT count(*) AS n FROM incidents WHERE device_id = ?", ("mtr-wangma-002",))
     db.close()
     assert row is not None and row["n"] == 1
+
+
+def test_a_store_failing_housekeeping_once_stops_neither_snapshots_nor_acknowledgements(config, run_gateway, mqtt,
+                                                                                           monkeypatch):
+    """One failed SLA tick, or one failed read of incident changes right after a batch's write, ended
+    housekeeping (no snapshot, no acknowledgement, no offline check after it, the receive window
+    filling) or failed the batch and with it every later snapshot. Each is now tried again later."""
+    from gateway.incidents.queue import IncidentQueue
+    from gateway.service import Gateway
+
+    sla_tick, changes_after, write = IncidentQueue.sla_tick, IncidentQueue.changes_after, Gateway.write_snapshot
+    failed: list[str] = []
+    written: list[float] = []
+
+    def flaky_sla_tick(self, *args, **kwargs):
+        if "sla" not in failed:
+            failed.append("sla")
+            raise OSError("disk I/O error")
+        return sla_tick(self, *args, **kwargs)
+
+    def flaky_changes_after(self, *args, **kwargs):
+        if "changes" not in failed and self.db.fetchone("SELECT count(*) AS n FROM incidents")["n"]:
+            failed.append("changes")  # the read right after the batch's own write
+            raise OSError("disk I/O error")
+        return changes_after(self, *args, **kwargs)
+
+    def recording_write(self, arrays=None):
+        written.append(time.monotonic())
+        return write(self, arrays)
+
+    monkeypatch.setattr(IncidentQueue, "sla_tick", flaky_sla_tick)
+    monkeypatch.setattr(IncidentQueue, "changes_after", flaky_changes_after)
+    monkeypatch.setattr(Gateway, "write_snapshot", recording_write)
+    config.detection.snapshot_interval_s = 0.1
+    gateway = run_gateway(config)
+    alerts, incidents = mqtt([topics.ALERTS_FILTER]), mqtt([f"{topics.ROOT}/+/incidents/#"])
+    device = mqtt()
+    device.publish(topics.telemetry("wangma", "meter", "mtr-wangma-002"), {"ts": time.time(), "seq": 1, "temp_c": 75.0})
+    alerts.wait_for(lambda topic, body: body.get("device_id") == "mtr-wangma-002" and body.get("event") == "raised",
+                    timeout_s=10)
+    incidents.wait_for(lambda topic, body: body.get("device_id") == "mtr-wangma-002"
+                       and body["change"]["action"] == "opened", timeout_s=10)  # by housekeeping's next tick
+    deadline = time.monotonic() + 10
+    while (gateway.gateway.unacked or len(written) < 3) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(failed) == ["changes", "sla"]
+    assert not gateway.gateway._state_unsafe and not gateway.gateway.unacked, "snapshots and acks went on"
