@@ -2,7 +2,7 @@
 detect (with the late-reading replay), as ``Pipeline.process`` does it for each drain of the receive
 queue, on meter boxes.
 
-    .venv/bin/python -m bench.pipeline [--per-message 100] [--drain 30] [--drains 200] [--devices 20000]
+    .venv/bin/python -m bench.pipeline [--per-message 100] [--drain 30] [--drains 400] [--devices 20000]
 
 Each drain holds ``--drain`` messages of ``--per-message`` readings, from ``--devices`` meter boxes of a
 generated registry in turn (as bench/throughput.py's publishers send them; ``--devices 0``: the default
@@ -71,7 +71,10 @@ def run(args: argparse.Namespace, registry: Path | None, calm: bool = True, type
     # warm up until the replay buffer is at its bound, where a gateway under load runs
     warm = config.detection.replay_max_pending // (args.drain * args.per_message) + 5
     work = drains(warm + args.drains, args.per_message, args.drain, now, args.rate, devices)
-    clock = lambda d: now + (d + 1) * args.drain / args.rate + 0.005  # noqa: E731  the drain's last message came
+
+    def clock(d: int) -> float:  # the gateway's time: drain d's last message has just come
+        return now + (d + 1) * args.drain / args.rate + 0.005
+
     for d, messages in enumerate(work[:warm]):
         pipeline.process(messages, clock(d))
     alerts = 0
@@ -107,8 +110,9 @@ def main() -> None:
                                ("batches reading by reading", {"typed": False})):
             seconds, alerts, copied = run(args, registry, **options)
             results[label] = (readings / seconds, alerts)
-            print(f"{label:<27} {readings:,} readings in {messages:,} messages: {readings / seconds:>10,.0f} readings/s, "
-                  f"{seconds / messages * 1e6:6.0f} µs a message, {alerts} alert events, "
+            print(f"{label:<27} {readings:,} readings in {messages:,} messages: "
+                  f"{readings / seconds:>10,.0f} readings/s, {seconds / messages * 1e6:6.0f} µs a message, "
+                  f"{alerts} alert events, "
                   f"{copied:,} readings the shadow took as copied state")
     (fast, a1), *others = results.values()
     assert all(a == a1 for _, a in others), "settling calm readings, copying or decoding typed changed the alerts"

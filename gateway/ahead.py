@@ -167,18 +167,22 @@ class DecodeAhead:
         batches (docs/PERFORMANCE.md)."""
         if not any(m.inflight for m in messages):
             return
-        self.loop = asyncio.get_running_loop()
-        waiter = self.loop.create_future()
-        self._waiters.append(waiter)
-        try:
-            if any(m.inflight for m in messages):  # (the exchange may have ended meanwhile)
-                self.waits += 1
-                await asyncio.wait_for(waiter, WAIT_MAX_S)
-        except TimeoutError:
-            pass
-        finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
+        self.loop = loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_MAX_S
+        self.waits += 1
+        # Every exchange that ends wakes every waiter, so a wake-up may be another exchange's (one that
+        # ended while this thread was busy, its call queued): look again after each.
+        while any(m.inflight for m in messages) and (left := deadline - loop.time()) > 0:
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                if any(m.inflight for m in messages):  # (the exchange may have ended meanwhile)
+                    await asyncio.wait_for(waiter, left)
+            except TimeoutError:
+                return
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
 
     def _release(self) -> None:
         """On the main thread's loop: an exchange ended."""

@@ -135,6 +135,7 @@ class Gateway:
         self._poke: asyncio.Event | None = None
         self._mid_batch = False  # the ingest loop is between a batch's detection and its acknowledgements
         self._state_unsafe = False  # a batch failed mid-way: the detector state is no record any more
+        self._offline_unsaid = False  # offline alerts are being stored and published (see _offline_alerts)
         self._commit_lock = asyncio.Lock()
         self._boundary: list[asyncio.Future[tuple[dict[str, np.ndarray], int]]] = []  # snapshots waiting for it
         self.address: BrokerAddress | None = None
@@ -344,7 +345,8 @@ class Gateway:
             # once both are done (and a snapshot holds them), so a crash loses neither, and the order
             # between the two guarded nothing: committed first, every alert waited for the store's
             # fsync before it was even sent.
-            await asyncio.gather(self._publish(outcome, publisher, now), self._absorb_and_tell(outcome.alerts, now, publisher))
+            await asyncio.gather(self._publish(outcome, publisher, now),
+                                 self._absorb_and_tell(outcome.alerts, now, publisher))
         else:
             await self._publish(outcome, publisher, now)
         # acknowledged once a snapshot holds what these readings did (see _commit)
@@ -441,7 +443,7 @@ class Gateway:
             await self._commit_now(receiver)
 
     async def _commit_now(self, receiver: Receiver) -> None:
-        if self._state_unsafe:
+        if self._state_unsafe or self._offline_unsaid:  # (see _offline_alerts)
             return
         if self._mid_batch:
             # A batch is between detection and its incidents' commit: a snapshot now would hold what it
@@ -494,12 +496,7 @@ class Gateway:
                 next_offline = t + detection.offline_check_interval_s
                 events = self.pipeline.check_offline(now)
                 if events:
-                    # stored however long the store is away, as a batch's alerts are: the detectors
-                    # already count these devices offline and would not raise it again
-                    await self._absorb(events, now)
-                    await self._publish(Outcome(alerts=events), publisher, now)
-                    if self.telemetry is not None:
-                        self.telemetry.alerts(events)
+                    await self._offline_alerts(events, now, publisher)
             # A step the store fails is tried again at its next tick. Before, one failed SLA tick or
             # read of incident changes ended housekeeping for good: no snapshot, no acknowledgement
             # and no offline check after it, until the receive window filled and ingest stalled.
@@ -511,6 +508,25 @@ class Gateway:
             if t >= next_snapshot:
                 next_snapshot = t + detection.snapshot_interval_s
                 await self._tolerant("snapshot", self._commit(receiver))
+
+    async def _offline_alerts(self, events: list[Any], now: float, publisher: Publisher) -> None:
+        """Stored however long the store is away, and published, as a batch's alerts are: the detectors
+        already count these devices offline and will not raise it again. Meanwhile no snapshot is taken
+        (housekeeping's is its next step; the stop's is refused), and if the gateway stops before they
+        are out, none after: a snapshot holding the offline state would lose the alert for good."""
+        done, self._offline_unsaid = False, True
+        try:
+            await self._absorb(events, now)
+            await self._publish(Outcome(alerts=events), publisher, now)
+            done = True
+        finally:
+            self._offline_unsaid = False
+            if not done and not self._state_unsafe:
+                self._state_unsafe = True
+                log.error("offline alerts were cut short before they were stored and published: no more "
+                          "snapshots from this process; after a restart the devices are found silent again")
+        if self.telemetry is not None:
+            self.telemetry.alerts(events)
 
     async def _tolerant(self, what: str, step: Awaitable[Any]) -> None:
         """``step``, and if it fails, say so, count it and go on: it is tried again at its next tick."""

@@ -323,3 +323,34 @@ def test_the_main_thread_waits_for_an_exchange_holding_its_messages_and_not_long
     waited = asyncio.run(settle(messages, resume_after=None))
     os.kill(worker._process.pid, signal.SIGCONT)
     assert 0.15 < waited < 1.0 and worker.state()["waits"] == 2
+
+
+def test_a_wake_up_from_an_exchange_that_ended_earlier_does_not_end_the_wait(monkeypatch):
+    """Every exchange that ends wakes the waiting main thread; one that ended while the main thread was
+    busy (its wake-up still queued) must not end a wait for the exchange under way (found by a review:
+    under load most waits ended at once and the messages were decoded twice)."""
+    import asyncio
+    import threading
+
+    monkeypatch.setattr(ahead_module, "WAIT_MAX_S", 2.0)
+    ahead = DecodeAhead.__new__(DecodeAhead)  # only the waiting is exercised: no worker
+    ahead.loop, ahead._waiters, ahead.waits = None, [], 0
+    release = threading.Event()
+    ahead._trade = lambda messages: release.wait(0.3) if messages[0].topic == "b" else None
+
+    async def main() -> float:
+        ahead.loop = asyncio.get_running_loop()
+        b = _inbound([("b", b"")])
+        thread = threading.Thread(target=ahead._exchange, args=(b,))
+        thread.start()
+        while not b[0].inflight:
+            time.sleep(0.001)
+        ahead.loop.call_soon(ahead._release)  # the queued wake-up of an exchange that ended earlier
+        start = time.monotonic()
+        await ahead.settled(b)
+        waited, still = time.monotonic() - start, b[0].inflight
+        thread.join()
+        assert not still, "the wait ended before the exchange under way"
+        return waited
+
+    assert 0.2 < asyncio.run(main()) < 1.5 and ahead.waits == 1

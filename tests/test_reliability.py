@@ -401,3 +401,41 @@ def test_a_store_failing_housekeeping_once_stops_neither_snapshots_nor_acknowled
         time.sleep(0.05)
     assert sorted(failed) == ["changes", "sla"]
     assert not gateway.gateway._state_unsafe and not gateway.gateway.unacked, "snapshots and acks went on"
+
+
+def test_an_offline_alert_the_store_has_not_taken_at_a_stop_is_raised_after_the_restart(config, run_gateway, mqtt,
+                                                                                          monkeypatch):
+    """The detectors count a silent device offline before its alert is stored: a snapshot written
+    after that (the stop's last one) while the store was away lost the alert for good (found by a
+    review). Such a stop now writes no snapshot, and the restart finds the device silent again."""
+    from gateway.incidents.queue import IncidentQueue
+
+    config.kinds["noise"].offline_after_s = 2.0
+    config.detection.offline_check_interval_s = 0.5
+    config.detection.snapshot_interval_s = 0.5
+    absorb, tries = IncidentQueue.absorb, []
+
+    def store_away_for_offline(self, alerts, now=None):
+        if any(a.rule == "offline" for a in alerts):
+            tries.append(time.time())
+            raise OSError("disk I/O error")
+        return absorb(self, alerts, now)
+
+    monkeypatch.setattr(IncidentQueue, "absorb", store_away_for_offline)
+    screen = mqtt([topics.alert("dongxin", "noise", "noise-03")])
+    gateway = run_gateway(config)
+    mqtt().publish(topics.telemetry("dongxin", "noise", "noise-03"), {"ts": time.time(), "laeq_db": 48.0})
+    deadline = time.monotonic() + 10
+    while not tries and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tries, "the offline check never tried to store its alert"
+    gateway.stop()  # the store still away: the alert waits in _absorb's retries
+    monkeypatch.setattr(IncidentQueue, "absorb", absorb)  # the store is back
+    run_gateway(config)
+    raised = screen.wait_for(lambda topic, body: body.get("rule") == "offline" and body.get("event") == "raised",
+                             timeout_s=10)
+    assert raised
+    db = Database(config.incidents.url)
+    row = db.fetchone("SELECT count(*) AS n FROM incidents WHERE device_id = ?", ("noise-03",))
+    db.close()
+    assert row is not None and row["n"] >= 1
