@@ -307,13 +307,11 @@ class Gateway:
                 completed = True
             finally:
                 self._mid_batch = False
-                if not completed and not self._state_unsafe:
+                if not completed:
                     # Its readings are in the detectors, its alerts perhaps neither committed nor
                     # published: a snapshot from now on would make their redelivery look like duplicates.
-                    self._state_unsafe = True
-                    log.error("a batch did not complete: no more snapshots or acknowledgements from this "
-                              "process; after a restart the broker redelivers everything since the last "
-                              "snapshot, which is replayed onto it")
+                    self._no_more_snapshots("a batch did not complete", "the broker redelivers everything "
+                                            "since the last snapshot, which is replayed onto it")
                 if self._boundary:  # a snapshot waits for this moment
                     taken = None if self._state_unsafe else self._snapshot_arrays()
                     for waiter in self._boundary:
@@ -509,6 +507,14 @@ class Gateway:
                 next_snapshot = t + detection.snapshot_interval_s
                 await self._tolerant("snapshot", self._commit(receiver))
 
+    def _no_more_snapshots(self, what: str, after_restart: str) -> None:
+        """The detector state holds something not yet on record: no snapshot (nor acknowledgement) from
+        this process any more, so that a restart goes back to the last good one."""
+        if not self._state_unsafe:
+            self._state_unsafe = True
+            log.error("%s: no more snapshots or acknowledgements from this process; after a restart %s",
+                      what, after_restart)
+
     async def _offline_alerts(self, events: list[Any], now: float, publisher: Publisher) -> None:
         """Stored however long the store is away, and published, as a batch's alerts are: the detectors
         already count these devices offline and will not raise it again. Meanwhile no snapshot is taken
@@ -521,10 +527,9 @@ class Gateway:
             done = True
         finally:
             self._offline_unsaid = False
-            if not done and not self._state_unsafe:
-                self._state_unsafe = True
-                log.error("offline alerts were cut short before they were stored and published: no more "
-                          "snapshots from this process; after a restart the devices are found silent again")
+            if not done:
+                self._no_more_snapshots("offline alerts were cut short before they were stored and published",
+                                        "the devices are found silent again")
         if self.telemetry is not None:
             self.telemetry.alerts(events)
 
