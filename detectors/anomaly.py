@@ -193,6 +193,11 @@ DRIFT_STATE = ("drift_level", "drift_var", "g_drift", "g_drift_var")  # the plai
 class Anomaly:
     """Anomaly scores for ``n_series`` series; state in arrays, one row per series."""
 
+    # state a snapshot from an older version may lack, whose blank start is safe: an empty ordinary
+    # worst scores as the version before it did, until it fills again (a restart of the whole score
+    # would cost a smoke detector's chamber rule five days of warm-up)
+    OPTIONAL_STATE = frozenset({"worst"})
+
     def __init__(self, n_series: int, warmup: int = 100, period: int = 0, medium: float = 0.05,
                  short: float = 0.1, long: float = 0.01, calibration: float = 0.0005, decay: float = 0.01,
                  forget: float | None = 3.0, ordinary: float = 20.0,

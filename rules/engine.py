@@ -767,11 +767,16 @@ class KindEngine:
             state = transform.state()
             # all or nothing: a snapshot from a version without some of this state (a feature added
             # since) restarts the transform from its warm-up; half-restored, the new part would judge
-            # a series with a long past against a blank history and raise at once
-            if all(prefix + name in saved and saved[prefix + name].shape[1:] == a.shape[1:]
-                   for name, a in state.items()):
+            # a series with a long past against a blank history and raise at once. Parts whose blank
+            # start is safe (the transform's OPTIONAL_STATE) start blank instead.
+            optional = getattr(transform, "OPTIONAL_STATE", frozenset())
+
+            def held(name: str, a: np.ndarray) -> bool:
+                return prefix + name in saved and saved[prefix + name].shape[1:] == a.shape[1:]
+
+            if all(held(name, a) for name, a in state.items() if name not in optional):
                 for name, a in state.items():
-                    a[dst] = saved[prefix + name][src]
+                    a[dst] = saved[prefix + name][src] if held(name, a) else 0
         for col, ring in self.rings.items():
             prefix = f"ring.{self.fields[col]}."
             if prefix + "ts" in saved and saved[prefix + "ts"].shape[1] == ring.samples:

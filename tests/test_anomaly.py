@@ -365,3 +365,22 @@ def test_a_snapshot_from_before_a_feature_was_added_restarts_the_score_instead_o
     # with the rest restored, a blank baseline (the first reading's level) against a long past: it raised
     assert [e.event for e in resumed.events] == []
     assert second.transforms[0].state()["count"][0] == 300  # it started again, warm-up and all
+
+
+def test_a_snapshot_from_before_the_ordinary_worst_restores_the_rest_and_starts_it_blank():
+    rule = {"field": "laeq_db", "transform": {"kind": "anomaly", "warmup": 100}, "raise": {"warning": 0.5}}
+    levels = noise(900, seed=19, level=52.0, sigma=1.0)
+    levels[650] += 20.0  # a jump after the restart, within what a restarted warm-up would be
+    first = anomaly_engine(rule)
+    feed(first, levels[:600])
+    saved = {k: v.copy() for k, v in first.snapshot().items() if not k.endswith(".transform.worst")}
+    assert len(saved) == len(first.snapshot()) - 1  # as the version before it would have saved it
+    assert first.transforms[0].state()["worst"][0] > 0
+    second = anomaly_engine(rule)
+    assert second.restore(saved, now=1.8e9) == 1
+    state = second.transforms[0].state()
+    assert state["count"][0] == 600 and state["worst"][0] == 0  # the rest goes on; the worst starts blank
+    resumed = feed(second, levels[600:], t0=1.8e9 + 600 * 60)
+    # no warm-up again: the jump is seen
+    assert [(e.event, e.ts - 1.8e9) for e in resumed.events][:1] == [("raised", 650 * 60.0)]
+    assert state["worst"][0] > 0
