@@ -377,6 +377,21 @@ def test_restored_state_neither_re_raises_active_alerts_nor_forgets_a_half_count
     assert [(e.rule, e.event, e.ts - 1.8e9) for e in events] == [("long", "raised", 300.0)]
 
 
+def test_snapshot_keys_follow_rows_registered_since_and_a_snapshot_taken_before_keeps_its_own():
+    engine = engine_for({"loud": {"field": "laeq_db", "raise": {"warning": 75}}}, n=2)
+    series = engine.series
+    before = engine.snapshot()["keys"]
+    assert before.tolist() == ["d0#0", "d1#0"]
+    series.device_ids.append("a-much-longer-device-id")  # registered since (auto-registration)
+    series.ports.append(3)
+    engine.ensure_series()
+    assert engine.snapshot()["keys"].tolist() == ["d0#0", "d1#0", "a-much-longer-device-id#3"]
+    assert before.tolist() == ["d0#0", "d1#0"]  # replaced, not written in place
+    other = Series(1)  # another registry entirely: keys built afresh, not extended
+    engine.series = other
+    assert engine.snapshot_keys().tolist() == ["d0#0"]
+
+
 def test_state_per_device_stays_within_2_kb():
     registry = Registry.from_config(STREET)
     for kind, model in READING_MODELS.items():
