@@ -45,7 +45,8 @@ RECENT_READINGS_BUDGET = 500_000
 RECENT_READINGS_MIN = 1  # the device view's last reading
 FIELDS = {kind: model.FIELDS for kind, model in READING_MODELS.items()}
 LINGER_S = 0.004  # how long a small batch waits for company (a few ms on an alert's way: the target is 50 ms)
-LINGER_BATCH = 500  # messages from which a batch no longer waits
+LINGER_BATCH = 64  # messages from which a batch no longer waits (at 500, a batch at 10,000 msg/s always
+#                    waited: ~60 arrive while one is processed; docs/PERFORMANCE.md)
 BOUNDARY_WAIT_S = 1.0  # a snapshot waits this long for the batch in hand to finish, then comes back later
 PUBLISH_CHANGES_AT_ONCE = 200  # incident changes published between two turns of the ingest loop
 GC_YOUNG_THRESHOLD = 10_000  # allocations between young collections (Python's default: 700)
