@@ -59,9 +59,8 @@ The parts, and why each is there:
   stronger than a coin flip), so a reading that is a spike *and* a shift counts more than either.
 * **Novelty against a decaying peak** of past surprise (fading ``decay`` nats a reading): what
   counts is by how much a reading's surprise exceeds the (fading) worst of the recent past, plus a
-  fraction
-  (``echo``) of the surprise itself; one anomaly gives one high score, not a burst, and the first
-  reading of an event scores highest (earliest detection is what matters to an operator). The echo
+  fraction (``echo``) of the surprise itself; one anomaly gives one high score, not a burst, and the
+  first reading of an event scores highest (earliest detection is what matters to an operator). The echo
   lets a second event that is not the worst of the recent past still be seen, but only at a reading
   that is a *local* record: its surprise beats the previous reading's, ``local`` (0.9) times the one
   before that, ``local``² times the one before that, and so on. The readings after a spike are still
