@@ -50,6 +50,11 @@ from rules.model import Condition, KindProfile, Param, ParamRef, Rule, Severity,
 LOCAL_TZ = ZoneInfo("Asia/Shanghai")
 UTC_OFFSET_S = 8 * 3600  # Asia/Shanghai: UTC+8, no daylight saving since 1991
 SEQ_WINDOW = 64  # anti-replay window (as IPsec's): seqs more than this far behind the newest are replays
+# A gateway down longer than this forgets how long conditions had held: a duration or count that would
+# span the outage starts again at the first reading after it (Prometheus's for-outage-tolerance, 1 h).
+# Nothing was seen meanwhile; a charging port "charging for over 8 hours" at the restart, from a run that
+# began before a night's outage, was the demo's first alerts.
+RUN_OUTAGE_TOLERANCE_S = 3600.0
 CALM_RETRIES = 3  # rounds in a row that leave no calm prefix before the rest of a batch goes round by round
 
 
@@ -751,10 +756,12 @@ class KindEngine:
 
         Series are matched by device and port, so a registry that changed in between restores what
         still exists. Rules are matched by id; a rule whose levels changed starts afresh. Time the
-        gateway was down is not held against devices: their silence is counted from the restart.
+        gateway was down is not held against devices: their silence is counted from the restart. Nor is
+        it held for them: after an outage longer than RUN_OUTAGE_TOLERANCE_S, the runs of the rules'
+        conditions (how long or how many readings a condition has held) start again.
         """
         keys = [str(k) for k in saved["keys"]]
-        current = {f"{d}#{p}": i for i, (d, p) in enumerate(zip(self.series.device_ids, self.series.ports))}
+        current = {k: i for i, k in enumerate(self.snapshot_keys().tolist())}
         pairs = [(i, current[k]) for i, k in enumerate(keys) if k in current]
         if not pairs:
             return 0
@@ -777,6 +784,9 @@ class KindEngine:
                 continue
             for name, a in arrays.items():
                 getattr(st, name)[..., dst] = a[..., src]
+            if downtime > RUN_OUTAGE_TOLERANCE_S:  # alerts stay as they are; their conditions' runs restart
+                st.run_start[..., dst] = np.nan
+                st.run_count[..., dst] = 0
         for i, transform in self.transforms.items():
             prefix = f"rule.{self.rules[i].rule_id}.transform."
             state = transform.state()

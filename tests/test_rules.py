@@ -377,6 +377,22 @@ def test_restored_state_neither_re_raises_active_alerts_nor_forgets_a_half_count
     assert [(e.rule, e.event, e.ts - 1.8e9) for e in events] == [("long", "raised", 300.0)]
 
 
+def test_after_a_long_outage_a_condition_held_before_it_starts_its_duration_again():
+    rules = {"loud": {"field": "laeq_db", "raise": {"warning": 75}},
+             "long": {"field": "laeq_db", "raise": {"major": {"threshold": 70, "for_s": 300}}}}
+    first = engine_for(rules)
+    feed(first, [80, 72, 72])
+    feed(first, [80], t0=1.8e9 + 180)  # "long" holds since 60 s
+    saved = {k: v.copy() for k, v in first.snapshot().items()}
+    for down, raised_at in ((1800.0, 0.0), (7200.0, 300.0)):  # within the tolerance: the run goes on
+        second = engine_for(rules)
+        assert second.restore(saved, now=1.8e9 + 180 + down) == 1
+        t0 = 1.8e9 + 240 + down
+        events = feed(second, [80] * 7, t0=t0).events
+        assert [(e.rule, e.event, e.ts - t0) for e in events] == [("long", "raised", raised_at)], down
+        assert second.state[0].announced[0] == first.state[0].announced[0] > 0  # "loud" stays raised
+
+
 def test_snapshot_keys_follow_rows_registered_since_and_a_snapshot_taken_before_keeps_its_own():
     engine = engine_for({"loud": {"field": "laeq_db", "raise": {"warning": 75}}}, n=2)
     series = engine.series
