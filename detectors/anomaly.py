@@ -232,7 +232,6 @@ class Anomaly:
         self.views = ("plain", "seasonal") if period else ("plain",)
         self.arrays: dict[str, np.ndarray] = {"count": np.zeros(n_series, dtype=np.int64),
                                               "origin": np.zeros(n_series), "peak": np.zeros(n_series),
-                                              "worst": np.zeros(n_series),  # the ordinary worst (``forget``)
                                               "local": np.zeros(n_series),  # the local record of surprise
                                               # contextual novelty: the range so far, the last context − 1
                                               # symbols (as one code), readings and new contexts counted,
@@ -245,6 +244,8 @@ class Anomaly:
         for view in self.views:
             for name in VIEW_STATE:
                 self.arrays[f"{view}.{name}"] = np.zeros(n_series)
+        if forget is not None:
+            self.arrays["worst"] = np.zeros(n_series)  # the ordinary worst
         if self.drift:
             for name in DRIFT_STATE:
                 self.arrays[f"plain.{name}"] = np.zeros(n_series)
