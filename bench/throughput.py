@@ -547,7 +547,8 @@ def _city_memory(count: int, results: Any) -> None:
     from gateway.config import Device, load_config
     from gateway.pipeline import Pipeline
     from gateway.registry import Registry
-    from gateway.service import FIELDS, recent_readings_depth
+    from gateway.recent import RecentReadings
+    from gateway.service import recent_readings_depth
 
     config = load_config(ROOT / "config.yaml")
     config.ingest.device_rate_per_s = 0
@@ -594,22 +595,17 @@ def _city_memory(count: int, results: Any) -> None:
     state = sum(a.nbytes for a in pipeline.snapshot().values())
     stepped = _rss_mb()
     # A second reading each, kept as the gateway keeps recent readings for the dashboard, filled to the
-    # depth it allows (copies of the reading, new objects each as real readings would be).
-    depth = recent_readings_depth(series)
-    buffers: dict[str, list[Any]] = {}
+    # depth it allows.
+    recent = RecentReadings(recent_readings_depth(series))
     pipeline.keep_readings = True
     for chunk in chunks(now - 4):
         for kind, _, device_id, reading in pipeline.process(chunk, now).accepted:
-            buffer = buffers.setdefault(device_id, [])
-            values = tuple(reading.__dict__[name] for name in FIELDS[kind])
-            for k in range(depth):
-                buffer.append((reading.ts + k, reading.__dict__.get("port") or 0,
-                               tuple(v * 1.0 if type(v) is float else v for v in values)))
-            del buffer[:-depth]
+            for k in range(recent.depth):
+                recent.add(kind, device_id, {**reading.__dict__, "ts": reading.ts + k})
     gc.collect()
     results.put({"devices": count, "series": series, "base_mb": base, "registered_mb": registered,
                  "stepped_mb": stepped, "state_mb": state / 2**20, "valid": sum(pipeline.stats.valid.values()),
-                 "stepped_s": stepped_s, "depth": depth, "recent_mb": _rss_mb()})
+                 "stepped_s": stepped_s, "depth": recent.depth, "recent_mb": _rss_mb()})
 
 
 def city_memory(count: int) -> dict[str, Any]:

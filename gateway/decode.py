@@ -290,11 +290,10 @@ class ReadingColumns:
         return int(self.ts.shape[0])
 
     def recent(self, kept: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The last ``depth`` kept readings as the dashboard keeps a batch's: a block of columns (ts,
-        ports, values), three small arrays that the garbage collector never walks; :func:`recent_rows`
-        makes reading tuples of it when someone asks."""
-        if kept.all():  # copies, not views: a view would keep the whole batch alive in the chart
-            return self.ts[-depth:].copy(), self.ports[-depth:].copy(), self.values[-depth:].copy()
+        """The last ``depth`` kept readings as columns (ts, ports, values), for the dashboard's chart
+        (:class:`gateway.recent.RecentReadings` copies them)."""
+        if kept.all():
+            return self.ts[-depth:], self.ports[-depth:], self.values[-depth:]
         index = np.flatnonzero(kept)[-depth:]
         return self.ts[index], self.ports[index], self.values[index]
 
@@ -313,20 +312,6 @@ class ReadingColumns:
             if value == value:  # not NaN
                 values[name] = bool(value) if name in flags else value
         return fast_reading(self.kind).build(values, {n for n, v in values.items() if v is not None})
-
-
-def recent_rows(kind: str, block: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[tuple[Any, ...]]:
-    """A block of :meth:`ReadingColumns.recent` as the dashboard's reading tuples: (ts, port, *values
-    in FIELDS order, None where absent, booleans as booleans)."""
-    ts, ports, numbers = block
-    shown = numbers.astype(object)  # Python floats, then None and booleans where they belong
-    missing = np.isnan(numbers)
-    flags = booleans(kind)
-    for j, name in enumerate(READING_MODELS[kind].FIELDS):
-        if name in flags:
-            shown[:, j] = numbers[:, j] != 0
-    shown[missing] = None
-    return [(t, port, *values) for t, port, values in zip(ts.tolist(), ports.tolist(), shown.tolist())]
 
 
 class TypedBatch:

@@ -25,11 +25,12 @@ from gateway.config import BrokerAddress, Config, parse_broker_url
 from gateway.metrics import Stats
 from gateway.hints import Twins
 from gateway.mqtt import URGENT, Inbound, Publisher, Receiver
-from gateway.decode import DeadLetter, recent_rows
+from gateway.decode import DeadLetter
 from gateway.incidents.queue import IncidentQueue
 from gateway.incidents.store import Database
 from gateway.telemetry.sink import TelemetrySink
 from gateway.pipeline import Outcome, Pipeline
+from gateway.recent import RecentReadings
 from gateway.registry import Registry
 from gateway.schemas import READING_MODELS
 
@@ -38,9 +39,9 @@ log = logging.getLogger("streetbrain.gateway")
 SHUTDOWN_FLUSH_S = 10.0
 RECENT_ALERTS = 1000  # alert events kept for /api/alerts
 RECENT_READINGS = 120  # readings kept per device for the dashboard's chart (2 h of one a minute)…
-# …within a budget for the whole registry (about 400 bytes a reading as Python objects): a street keeps
-# 120 a device, a city of 300,000 devices its last reading, instead of 15 GB of chart data
-# (bench/throughput.py measures it).
+# …within a budget for the whole registry (a reading is a row of 6-10 doubles, 48-80 bytes: the budget is
+# at most 40 MB): a street keeps 120 a device, a city of 300,000 devices its last reading, instead of
+# 2-3 GB of chart data (bench/throughput.py measures it).
 RECENT_READINGS_BUDGET = 500_000
 RECENT_READINGS_MIN = 1  # the device view's last reading
 FIELDS = {kind: model.FIELDS for kind, model in READING_MODELS.items()}
@@ -95,17 +96,6 @@ def _secure(config: Config) -> tuple[Path, Path]:
     return auth
 
 
-def _is_block(buffer: list[tuple[Any, ...]]) -> bool:
-    """Whether a device's recent readings are a batch's block of columns (see Gateway._remember)."""
-    return bool(buffer) and type(buffer[0][0]) is np.ndarray
-
-
-def _unblock(kind: str, buffer: list[tuple[Any, ...]]) -> None:
-    """A device's recent readings as reading tuples, in place, before more are added to them."""
-    if _is_block(buffer):
-        buffer[:] = recent_rows(kind, buffer[0])  # type: ignore[arg-type]
-
-
 def recent_readings_depth(series: int) -> int:
     """Readings kept per device for the dashboard: RECENT_READINGS, or fewer for a registry so large
     that they would not fit RECENT_READINGS_BUDGET."""
@@ -129,10 +119,8 @@ class Gateway:
         # PUBACKs of messages processed, waiting for the snapshot that includes them: (connection, frames, count)
         self.unacked: list[tuple[int, bytes, int]] = []
         self.recent_alerts: deque[dict[str, Any]] = deque(maxlen=RECENT_ALERTS)
-        # a plain list per device (see _remember): a deque costs ~600 bytes before its first item; it holds
-        # (ts, port, *values in FIELDS order) per reading, or alone a batch's block of columns
-        self.readings_buffer: dict[str, list[tuple[Any, ...]]] = {}
-        self.recent_depth = recent_readings_depth(sum(len(s) for s in self.registry.series.values()))
+        # the dashboard's chart when no store is configured: flat arrays the collector never walks
+        self.recent = RecentReadings(recent_readings_depth(sum(len(s) for s in self.registry.series.values())))
         self._poke: asyncio.Event | None = None
         self._mid_batch = False  # the ingest loop is between a batch's detection and its acknowledgements
         self._state_unsafe = False  # a batch failed mid-way: the detector state is no record any more
@@ -602,43 +590,14 @@ class Gateway:
                 listener.put_nowait(item)
 
     def _remember(self, outcome: Outcome) -> None:
-        """The last readings of each device, for the dashboard's chart when no store is configured:
-        compact tuples of the kind's fields (names are added when read, not per reading), in a list per
-        device that lives long and is changed in place. (A tuple per device replaced every batch
-        would drop out of the collector's sight, but every young collection walked the new ones: the
-        alerts' p99 doubled.) Each reading is one flat tuple of numbers: the collector stops tracking
-        it at its first look; (ts, port, (values…)) stayed tracked, and a full collection walked half
-        a million of them for 200 ms. A batch message that fills the chart by itself is kept as its
-        block of columns (:meth:`ReadingColumns.recent`), made into tuples only when read: building
-        them for every batch took a tenth of the gateway's time at 100 readings a message."""
-        buffers, depth = self.readings_buffer, self.recent_depth
+        """The last readings of each device, for the dashboard's chart (:class:`RecentReadings`); of a
+        batch message only its last ``depth``, straight from its columns: tuples for every batch took
+        a tenth of the gateway's time at 100 readings a message."""
+        recent = self.recent
         for kind, _, device_id, reading in outcome.accepted:
-            buffer = buffers.get(device_id)
-            if buffer is None:
-                buffer = buffers[device_id] = []
-            _unblock(kind, buffer)
-            values = reading.__dict__  # the fields as validated; getattr on a pydantic model is slow for absent names
-            buffer.append((values["ts"], values.get("port") or 0, *[values[name] for name in FIELDS[kind]]))
-            if len(buffer) > depth:
-                del buffer[0]
-        for chunk, kept in outcome.accepted_columns:  # a batch message: only its last readings are kept
-            buffer = buffers.get(chunk.device_id)
-            if buffer is None:
-                buffer = buffers[chunk.device_id] = []
-            block = chunk.recent(kept, depth)
-            if block[0].shape[0] == depth:
-                buffer[:] = [block]
-                continue
-            _unblock(chunk.kind, buffer)
-            buffer.extend(recent_rows(chunk.kind, block))
-            del buffer[:-depth]
-
-    def _recent_entries(self, kind: str, device_id: str, limit: int) -> list[tuple[Any, ...]]:
-        """A device's last ``limit`` readings as tuples."""
-        buffer = self.readings_buffer.get(device_id, [])
-        if _is_block(buffer):
-            return recent_rows(kind, tuple(column[-limit:] for column in buffer[0]))  # type: ignore[arg-type]
-        return buffer[-limit:]
+            recent.add(kind, device_id, reading.__dict__)  # the fields as validated (getattr on a model is slow)
+        for chunk, kept in outcome.accepted_columns:
+            recent.add_block(chunk.kind, chunk.device_id, chunk.recent(kept, recent.depth))
 
     def _reading_view(self, kind: str, ts: float, port: int, *values: Any) -> dict[str, Any]:
         fields = READING_MODELS[kind].FIELDS
@@ -647,7 +606,7 @@ class Gateway:
 
     def recent_readings(self, device_id: str, limit: int) -> list[dict[str, Any]]:
         kind = self.registry.devices[device_id].kind
-        return [self._reading_view(kind, *entry) for entry in self._recent_entries(kind, device_id, limit)]
+        return [self._reading_view(kind, *entry) for entry in self.recent.last(kind, device_id, limit)]
 
     def device_views(self, kind: str | None = None, site: str | None = None) -> list[dict[str, Any]]:
         out = []
@@ -672,7 +631,7 @@ class Gateway:
             for device in self.registry.devices.values():
                 if device.kind != kind_name or (site is not None and device.site != site):
                     continue
-                buffer = self._recent_entries(kind_name, device.id, 1)
+                buffer = self.recent.last(kind_name, device.id, 1)
                 last = self._reading_view(kind_name, *buffer[-1]) if buffer else None
                 alerts = active.get(device.id, [])
                 if device.id in offline:
