@@ -289,14 +289,6 @@ class ReadingColumns:
     def __len__(self) -> int:
         return int(self.ts.shape[0])
 
-    def recent(self, kept: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The last ``depth`` kept readings as columns (ts, ports, values), for the dashboard's chart
-        (:class:`gateway.recent.RecentReadings` copies them)."""
-        if kept.all():
-            return self.ts[-depth:], self.ports[-depth:], self.values[-depth:]
-        index = np.flatnonzero(kept)[-depth:]
-        return self.ts[index], self.ports[index], self.values[index]
-
     def reading(self, i: int) -> Reading:
         """Reading ``i`` as the model instance the per-reading path would have made (for storage, the
         dashboard, a dead letter): only built where one is asked for."""

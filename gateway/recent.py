@@ -58,19 +58,41 @@ class RecentReadings:
         if excess > 0:
             del rows[:excess]
 
-    def add_block(self, kind: str, device_id: str, block: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-        """A batch message's last readings, as columns (:meth:`gateway.decode.ReadingColumns.recent`)."""
-        ts, ports, values = block
-        flat = np.column_stack([ts, ports.astype(np.float64), values]).ravel()
-        rows = self.rows.get(device_id)
-        if rows is None:
-            rows = self.rows[device_id] = array("d")
-        elif ts.shape[0] >= self.depth:  # the block fills the chart by itself
-            del rows[:]
-        rows.frombytes(flat.tobytes())
-        excess = len(rows) - self.depth * WIDTHS[kind]
-        if excess > 0:
-            del rows[:excess]
+    def add_batches(self, batches: list[tuple[Any, np.ndarray]]) -> None:
+        """The last ``depth`` kept readings of each batch message of a drain, straight from its columns:
+        ``(ReadingColumns, kept)`` pairs, in the order received. A few numpy calls for the whole drain,
+        not for each message: at 10,000 messages/s of 10 readings, one message's own calls took a
+        tenth of the main thread."""
+        kinds: dict[str, list[tuple[Any, np.ndarray]]] = {}
+        for chunk, kept in batches:
+            kinds.setdefault(chunk.kind, []).append((chunk, kept))
+        depth = self.depth
+        for kind, group in kinds.items():
+            width = WIDTHS[kind]
+            lengths = np.array([chunk.ts.shape[0] for chunk, _ in group])
+            ends = np.cumsum(lengths)  # where each message's rows end in the drain's
+            owner = np.repeat(np.arange(len(group)), lengths)
+            kept = np.concatenate([k for _, k in group])
+            after = np.append(np.cumsum(kept[::-1])[::-1], 0)  # kept rows from each row to the drain's end
+            taken = kept & (after[:-1] - after[ends][owner] <= depth)  # among its message's last `depth` kept
+            grid = np.empty((int(np.count_nonzero(taken)), width))
+            grid[:, 0] = np.concatenate([chunk.ts for chunk, _ in group])[taken]
+            grid[:, 1] = np.concatenate([chunk.ports for chunk, _ in group])[taken]
+            grid[:, 2:] = np.concatenate([chunk.values for chunk, _ in group])[taken]
+            data, step, at = memoryview(grid.tobytes()), 8 * width, 0
+            for (chunk, _), count in zip(group, np.bincount(owner[taken], minlength=len(group)).tolist()):
+                if not count:
+                    continue
+                rows = self.rows.get(chunk.device_id)
+                if rows is None:
+                    rows = self.rows[chunk.device_id] = array("d")
+                elif count >= depth:  # the message fills the chart by itself
+                    del rows[:]
+                rows.frombytes(data[at:at + count * step])
+                at += count * step
+                excess = len(rows) - depth * width
+                if excess > 0:
+                    del rows[:excess]
 
     def last(self, kind: str, device_id: str, limit: int) -> list[tuple[Any, ...]]:
         """A device's last ``limit`` readings as the dashboard's tuples, oldest first."""

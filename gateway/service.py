@@ -596,8 +596,8 @@ class Gateway:
         recent = self.recent
         for kind, _, device_id, reading in outcome.accepted:
             recent.add(kind, device_id, reading.__dict__)  # the fields as validated (getattr on a model is slow)
-        for chunk, kept in outcome.accepted_columns:
-            recent.add_block(chunk.kind, chunk.device_id, chunk.recent(kept, recent.depth))
+        if outcome.accepted_columns:
+            recent.add_batches(outcome.accepted_columns)
 
     def _reading_view(self, kind: str, ts: float, port: int, *values: Any) -> dict[str, Any]:
         fields = READING_MODELS[kind].FIELDS

@@ -242,30 +242,49 @@ def test_a_plain_batch_takes_the_columnar_path_and_a_bad_reading_keeps_the_rest(
 
 
 def test_the_dashboard_gets_a_batchs_last_readings_straight_from_its_columns():
+    """A drain's batch messages go into the chart in a few numpy calls for all of them: what comes
+    out equals their kept readings added one by one, whatever the mix (several messages of one device,
+    a rejected reading, messages longer and shorter than the depth, other kinds between them)."""
     import numpy as np
 
     from gateway.service import FIELDS
     decoder = pipeline(STREET).decoder
-    items = [{"ts": NOW_S - 50 + i, "alarm": i == 9, "temp_c": 20 + i, **({"co_ppm": 3.5} if i % 2 else {})}
-             for i in range(12)]
-    out = decoder.decode([(topics.telemetry("wangma", "smoke", "smk-wangma-001"),
-                           orjson.dumps({"readings": items}))], NOW_S)
-    [chunk] = out.columns["smoke"]
-    kept = np.ones(12, dtype=bool)
-    kept[11] = False
+    rng = np.random.default_rng(3)
+
+    def batch(device_id: str, size: int, t0: float) -> object:
+        items = [{"ts": t0 + i, "alarm": bool(rng.random() < 0.2), "temp_c": float(20 + i),
+                  **({"co_ppm": 3.5} if rng.random() < 0.5 else {})} for i in range(size)]
+        out = decoder.decode([(topics.telemetry("wangma", "smoke", device_id), orjson.dumps({"readings": items}))],
+                             NOW_S)
+        [chunk] = out.columns["smoke"]
+        return chunk
+
+    meters = decoder.decode([(topics.telemetry("wangma", "meter", "mtr-wangma-001"), orjson.dumps(
+        {"readings": [{"ts": NOW_S - 90 + i, "current_a": 5.0 + i, "voltage_v": 220.0} for i in range(9)]}))], NOW_S)
+    [meter] = meters.columns["meter"]
+    drain = [(batch("smk-wangma-001", 12, NOW_S - 80), None), (meter, None), (batch("smk-wangma-002", 8, NOW_S - 80),
+             None), (batch("smk-wangma-001", 9, NOW_S - 60), None), (batch("smk-wangma-002", 10, NOW_S - 50), None)]
+    drain = [(chunk, rng.random(len(chunk)) > 0.2) for chunk, _ in drain]  # some readings rejected
+    for depth in (1, 4, 40):
+        recent, one_by_one = RecentReadings(depth), RecentReadings(depth)
+        first = batch("smk-wangma-001", 8, NOW_S - 99).reading(0).__dict__  # one that was there before
+        recent.add("smoke", "smk-wangma-001", first)
+        one_by_one.add("smoke", "smk-wangma-001", first)
+        recent.add_batches(drain)
+        for chunk, kept in drain:
+            for i in np.flatnonzero(kept).tolist():
+                one_by_one.add(chunk.kind, chunk.device_id, chunk.reading(i).__dict__)
+        for kind, device_id in (("smoke", "smk-wangma-001"), ("smoke", "smk-wangma-002"), ("meter", "mtr-wangma-001")):
+            rows = recent.last(kind, device_id, 100)
+            assert rows == one_by_one.last(kind, device_id, 100) and 0 < len(rows) <= depth
+    chunk, kept = drain[0]
     expected = [(r.ts, 0, *(r.__dict__[name] for name in FIELDS["smoke"]))
-                for r in (chunk.reading(i) for i in range(7, 11))]
-    recent = RecentReadings(depth=4)
-    recent.add("smoke", "smk-wangma-001", chunk.reading(0).__dict__)  # pushed out by the block
-    recent.add_block("smoke", "smk-wangma-001", chunk.recent(kept, 4))
+                for r in (chunk.reading(i) for i in np.flatnonzero(kept)[-4:].tolist())]
+    recent = RecentReadings(4)
+    recent.add_batches([(chunk, kept)])
     rows = recent.last("smoke", "smk-wangma-001", 10)
-    assert rows == expected and rows[-2][2] is True and type(rows[0][4]) is float
-    assert expected[-2][2] is True and expected[-1][2 + FIELDS["smoke"].index("co_ppm")] is None
-    assert recent_rows("smoke", chunk.recent(kept, 2)) == expected[-2:]
-    # a shorter block goes after what was there, and the whole keeps its depth
-    recent.add_block("smoke", "smk-wangma-001", chunk.recent(kept, 1))
-    assert recent.last("smoke", "smk-wangma-001", 10) == [*expected[1:], expected[-1]]
-    assert recent.last("smoke", "smk-wangma-001", 1) == [expected[-1]] and recent.last("smoke", "smk-x", 3) == []
+    assert rows == expected and type(rows[0][4]) is float and all(type(row[2]) is bool for row in rows)
+    assert recent.last("smoke", "smk-wangma-001", 1) == expected[-1:] and recent.last("smoke", "smk-x", 3) == []
 
 
 def test_the_dashboards_readings_leave_nothing_for_the_garbage_collector():
