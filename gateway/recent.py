@@ -2,8 +2,8 @@
 
 Each device's readings are one flat ``array('d')`` of rows (ts, port, *values in the kind's FIELDS
 order, NaN where a reading lacks the field, booleans as 0.0/1.0), trimmed to ``depth`` rows. An array
-of doubles is no container of objects: the garbage collector never walks it, and a reading added to
-it leaves nothing behind that the collector has to look at. A tuple a reading did: every young
+of doubles holds no objects: a reading added to it leaves nothing behind for the garbage collector to
+look at (the array itself is one long-lived object a device). A tuple a reading did: every young
 collection walked the ~10,000 tuples made since the one before, each a cache miss among the gateway's
 hundreds of MB, 8-15 ms a collection every 0.4 s at 10,000 msg/s (docs/PERFORMANCE.md). Rows become
 the dashboard's tuples only when someone reads them (:func:`recent_rows`).
@@ -103,6 +103,3 @@ class RecentReadings:
         grid = np.frombuffer(rows.tobytes(), dtype=np.float64).reshape(-1, width)[-limit:]  # a copy: the
         # array stays free to grow (it cannot be resized while a view of it is alive)
         return recent_rows(kind, (grid[:, 0], grid[:, 1].astype(np.int64), grid[:, 2:]))
-
-    def __len__(self) -> int:
-        return len(self.rows)

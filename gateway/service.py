@@ -119,7 +119,7 @@ class Gateway:
         # PUBACKs of messages processed, waiting for the snapshot that includes them: (connection, frames, count)
         self.unacked: list[tuple[int, bytes, int]] = []
         self.recent_alerts: deque[dict[str, Any]] = deque(maxlen=RECENT_ALERTS)
-        # the dashboard's chart when no store is configured: flat arrays the collector never walks
+        # the dashboard's chart when no store is configured: an array of doubles a device (gateway/recent.py)
         self.recent = RecentReadings(recent_readings_depth(sum(len(s) for s in self.registry.series.values())))
         self._poke: asyncio.Event | None = None
         self._mid_batch = False  # the ingest loop is between a batch's detection and its acknowledgements
