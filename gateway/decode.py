@@ -119,12 +119,29 @@ class RateLimiter:
         # (a list per device of a city was walked by every full collection)
         self.buckets: dict[str, tuple[float, float]] = {}
         self.floods: dict[str, list[float]] = {}  # device → [started, last drop, dropped]
+        self.extra, self.extra_until = 0.0, 0.0  # the grant for a backlog (see grant)
+
+    def grant(self, away_s: float, now: float) -> None:
+        """The gateway was away ``away_s`` seconds and the broker queued what the devices sent meanwhile:
+        it comes now all at once, but it was sent at the devices' own pace. Each device may send the
+        tokens it would have earned meanwhile (``rate`` × ``away_s``) beyond its burst, for as long as
+        it was away: a backlog drains far faster than it built up, or the gateway never catches up.
+        Before, a charging point's ten ports reporting every 5 s filled the burst of 100 in under a
+        minute away, and the rest of their backlog was dropped and the device flagged as flooding.
+        A device that flooded while the gateway was away is still cut off beyond what it earned.
+        Called at start, before the first message (buckets made since keep their own tokens)."""
+        if self.rate > 0 and away_s > 0:
+            self.extra, self.extra_until = self.rate * away_s, now + away_s
 
     def allow(self, device_id: str, now: float) -> bool:
         if self.rate <= 0:
             return True
-        tokens, last = self.buckets.get(device_id, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if now < self.extra_until:  # a backlog's grant: tokens beyond the burst are spent, not topped up
+            tokens, last = self.buckets.get(device_id, (self.burst + self.extra, now))
+            tokens = min(max(self.burst, tokens), tokens + (now - last) * self.rate)
+        else:
+            tokens, last = self.buckets.get(device_id, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
         allowed = tokens >= 1.0
         self.buckets[device_id] = (tokens - 1.0 if allowed else tokens, now)
         return allowed

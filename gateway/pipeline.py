@@ -232,9 +232,14 @@ class Pipeline:
 
     def restore(self, saved: dict[str, np.ndarray], now: float) -> dict[str, int]:
         restored = {}
+        heard = [0.0]  # the gateway time a series was last heard from: when the gateway last listened
         for kind, engine in self.engines.items():
             prefix = f"{kind}/"
             part = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
             if "keys" in part:
                 restored[kind] = engine.restore(part, now)
+                last_seen = part["last_seen"]
+                heard.append(float(np.max(last_seen[np.isfinite(last_seen)], initial=0.0)))
+        if max(heard) > 0:  # what the broker queued while the gateway was away is no flood (at most a session's worth)
+            self.decoder.limiter.grant(min(now - max(heard), float(self.config.broker.session_expiry_s)), now)
         return restored

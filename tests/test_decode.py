@@ -167,6 +167,19 @@ def test_a_flooding_device_is_throttled_once_flagged_and_cleared_when_it_calms_d
     assert cleared[0].alert_id == out.alerts[0].alert_id
 
 
+def test_a_backlogs_grant_is_spent_not_topped_up_and_ends_when_the_time_away_has_passed_again():
+    from gateway.decode import RateLimiter
+    limiter = RateLimiter(2, 5)
+    limiter.grant(10, 1000.0)  # away 10 s: 20 tokens beyond the burst of 5, for the next 10 s
+    assert sum(limiter.allow("chg-1", 1000.0) for _ in range(3)) == 3
+    assert sum(limiter.allow("chg-1", 1001.0) for _ in range(40)) == 22  # no refill while above the burst
+    assert not limiter.allow("chg-1", 1001.1)  # spent: the plain rate again (0.2 tokens)
+    assert sum(limiter.allow("chg-1", 1011.0) for _ in range(40)) == 5  # after it: the burst, no more
+    assert sum(limiter.allow("mtr-1", 1011.0) for _ in range(40)) == 5  # a device first heard after it too
+    limiter.grant(0, 1011.0)
+    assert limiter.extra_until == 1000.0 + 10  # nothing away, nothing granted
+
+
 # -- batch messages checked column by column ------------------------------------------------------------
 NOW_S = 1.8e9
 _GOOD_VALUE = st.floats(min_value=0, max_value=90, allow_nan=False) | st.integers(min_value=0, max_value=90)

@@ -133,6 +133,41 @@ def test_a_flooding_device_is_throttled_flagged_and_does_not_hold_up_a_fire_else
     assert accepted + dropped == 2000 and 50 <= accepted < 200
 
 
+def test_a_backlog_the_broker_held_while_the_gateway_was_away_is_no_flood(config, run_gateway, mqtt):
+    """What the broker queued for the gateway while it was down comes all at once at the restart, but
+    it was sent at the devices' own pace: the flood limit counts the time away. Before, the burst cut
+    a charging point's backlog short (ten ports fill a burst of 100 in under a minute away), the rest
+    was dropped and the device flagged as flooding. A device that did flood meanwhile still is."""
+    config.ingest.device_rate_per_s = 4
+    config.ingest.device_burst = 5
+    device = mqtt()
+    charger = topics.telemetry("wangma", "ev_charger", "evc-wangma-01")
+    flooder = topics.telemetry("wangma", "meter", "mtr-wangma-066")
+    first = run_gateway(config)
+    device.publish(charger, {"ts": time.time(), "port": 1, "power_w": 100.0})
+    deadline = time.monotonic() + 10
+    while first.gateway.stats.valid["ev_charger"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.stop()  # its last snapshot: when it last heard from a device
+    away = time.time()
+    for i in range(24):  # the charger's ports over 6 s away, 4 a second: within its rate
+        device.publish(charger, {"ts": away + i / 4, "port": 1 + i % 10, "power_w": 100.0 + i})
+        time.sleep(0.25)
+    for i in range(200):  # a meter box flooding meanwhile: 200 in a moment, far over 4 a second
+        device.client.publish(flooder, b'{"ts": %f, "temp_c": 30}' % (time.time() + i * 0.001), qos=1)
+    screen = mqtt([topics.ALERTS_FILTER])
+    second = run_gateway(config).gateway
+    deadline = time.monotonic() + 15
+    while (second.stats.valid["ev_charger"] < 24 or second.stats.valid["meter"]
+           + second.stats.rejected[("meter", "rate_limited")] < 200) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert second.stats.valid["ev_charger"] == 24, dict(second.stats.rejected)  # the whole backlog, none dropped
+    assert second.stats.rejected[("ev_charger", "rate_limited")] == 0
+    floods = [(a["device_id"], a["event"]) for t, a, _ in screen.collect(1.0) if a["rule"] == "flooding"]
+    assert floods == [("mtr-wangma-066", "raised")]
+    assert 5 + 4 * 6 <= second.stats.valid["meter"] < 100  # what it earned while away, not its 200
+
+
 def test_smoke_messages_are_taken_before_bulk_telemetry_that_arrived_earlier():
     import asyncio
 
