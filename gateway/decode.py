@@ -128,7 +128,8 @@ class RateLimiter:
         it was away: a backlog drains far faster than it built up, or the gateway never catches up.
         Before, a charging point's ten ports reporting every 5 s filled the burst of 100 in under a
         minute away, and the rest of their backlog was dropped and the device flagged as flooding.
-        A device that flooded while the gateway was away is still cut off beyond what it earned.
+        A device that flooded while the gateway was away is still cut off beyond what it earned, and
+        over the time away and the grant's together none gets more than the rate allows on average.
         Called at start, before the first message (buckets made since keep their own tokens)."""
         if self.rate > 0 and away_s > 0:
             self.extra, self.extra_until = self.rate * away_s, now + away_s
