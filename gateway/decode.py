@@ -119,7 +119,7 @@ class RateLimiter:
         # (a list per device of a city was walked by every full collection)
         self.buckets: dict[str, tuple[float, float]] = {}
         self.floods: dict[str, list[float]] = {}  # device → [started, last drop, dropped]
-        self.extra, self.extra_until = 0.0, 0.0  # the grant for a backlog (see grant)
+        self.extra, self.granted_at, self.extra_until = 0.0, 0.0, 0.0  # the grant for a backlog (see grant)
 
     def grant(self, away_s: float, now: float) -> None:
         """The gateway was away ``away_s`` seconds and the broker queued what the devices sent meanwhile:
@@ -130,15 +130,22 @@ class RateLimiter:
         minute away, and the rest of their backlog was dropped and the device flagged as flooding.
         A device that flooded while the gateway was away is still cut off beyond what it earned, and
         over the time away and the grant's together none gets more than the rate allows on average.
-        Called at start, before the first message (buckets made since keep their own tokens)."""
+        At start (the time away from the snapshot), and when the broker connection is back (the time
+        it was down: the broker queued for us, or devices kept what they could not send through it)."""
         if self.rate > 0 and away_s > 0:
-            self.extra, self.extra_until = self.rate * away_s, now + away_s
+            self.extra, self.granted_at, self.extra_until = self.rate * away_s, now, now + away_s
 
     def allow(self, device_id: str, now: float) -> bool:
         if self.rate <= 0:
             return True
         if now < self.extra_until:  # a backlog's grant: tokens beyond the burst are spent, not topped up
-            tokens, last = self.buckets.get(device_id, (self.burst + self.extra, now))
+            bucket = self.buckets.get(device_id)
+            if bucket is None:
+                tokens, last = self.burst + self.extra, now
+            else:
+                tokens, last = bucket
+                if last < self.granted_at:  # its first message since the grant: the grant on top
+                    tokens, last = min(self.burst, tokens + (now - last) * self.rate) + self.extra, now
             tokens = min(max(self.burst, tokens), tokens + (now - last) * self.rate)
         else:
             tokens, last = self.buckets.get(device_id, (self.burst, now))

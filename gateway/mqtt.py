@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import aiomqtt
 
@@ -223,6 +223,9 @@ class Receiver:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._thread: threading.Thread | None = None
+        # called on the event loop with the seconds the connection was down, once it is back: what the
+        # broker queued meanwhile, and what devices kept through a broker outage, comes at once now
+        self.on_back: Callable[[float], None] | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"mqtt-receive-{self.client_id}", daemon=True)
@@ -249,11 +252,15 @@ class Receiver:
     # -- the I/O thread ------------------------------------------------------------------------
     def _run(self) -> None:
         delay = 1.0
+        lost: float | None = None  # when the last connection was lost
         while not self._stopping.is_set():
             sock: socket.socket | None = None
             try:
                 sock = self._connect()
                 delay = 1.0
+                if lost is not None and self.on_back is not None:
+                    self.loop.call_soon_threadsafe(self.on_back, time.time() - lost)
+                lost = None
                 self._serve(sock)
             except BrokerRefused as exc:
                 log.error("broker refused the connection url=%s reason=%s", self.address, exc)
@@ -262,6 +269,8 @@ class Receiver:
                     log.warning("disconnected from broker url=%s reason=%s; reconnecting with backoff",
                                 self.address, exc or type(exc).__name__)
             finally:
+                if self.connected.is_set() and lost is None:
+                    lost = time.time()
                 self.connected.clear()
                 self._outgoing.clear()  # acks of this connection mean nothing on the next one
                 if sock is not None:

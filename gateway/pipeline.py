@@ -240,6 +240,11 @@ class Pipeline:
                 restored[kind] = engine.restore(part, now)
                 last_seen = part["last_seen"]
                 heard.append(float(np.max(last_seen[np.isfinite(last_seen)], initial=0.0)))
-        if max(heard) > 0:  # what the broker queued while the gateway was away is no flood (at most a session's worth)
-            self.decoder.limiter.grant(min(now - max(heard), float(self.config.broker.session_expiry_s)), now)
+        if max(heard) > 0:
+            self.grant_backlog(now - max(heard), now)
         return restored
+
+    def grant_backlog(self, away_s: float, now: float) -> None:
+        """The gateway was away (down, or its broker connection): what the broker queued meanwhile is
+        no flood (:meth:`RateLimiter.grant`), at most a session's worth."""
+        self.decoder.limiter.grant(min(away_s, float(self.config.broker.session_expiry_s)), now)

@@ -209,6 +209,7 @@ class Gateway:
         receiver = Receiver(self.config.broker, self.address, [topics.TELEMETRY_FILTER, topics.STATUS_FILTER],
                             loop, wake, ahead, hint_lane=self.twins is not None)
         self.receiver = receiver
+        receiver.on_back = lambda away_s: self.pipeline.grant_backlog(away_s, time.time())
         self.stats.hint_lane = receiver.lane
         self._poke = asyncio.Event()
         api_task = await self._start_api()

@@ -180,6 +180,15 @@ def test_a_backlogs_grant_is_spent_not_topped_up_and_ends_when_the_time_away_has
     assert limiter.extra_until == 1000.0 + 10  # nothing away, nothing granted
 
 
+def test_a_grant_when_the_broker_connection_is_back_tops_up_devices_already_heard():
+    from gateway.decode import RateLimiter
+    limiter = RateLimiter(2, 5)
+    assert sum(limiter.allow("chg-1", 100.0) for _ in range(10)) == 5  # its burst spent before the break
+    limiter.grant(10, 200.0)  # the connection was down 10 s
+    assert sum(limiter.allow("chg-1", 200.0) for _ in range(40)) == 25  # its burst again, and 20 earned
+    assert sum(limiter.allow("chg-1", 200.5) for _ in range(40)) == 1  # then the plain rate
+
+
 # -- batch messages checked column by column ------------------------------------------------------------
 NOW_S = 1.8e9
 _GOOD_VALUE = st.floats(min_value=0, max_value=90, allow_nan=False) | st.integers(min_value=0, max_value=90)

@@ -168,6 +168,37 @@ def test_a_backlog_the_broker_held_while_the_gateway_was_away_is_no_flood(config
     assert 5 + 4 * 6 <= second.stats.valid["meter"] < 100  # what it earned while away, not its 200
 
 
+def test_what_devices_kept_through_a_broker_outage_is_no_flood_when_they_send_it_at_once(config, run_gateway,
+                                                                                       tmp_path):
+    """A charging point that could not reach the broker for a few seconds sends what it kept as soon as
+    it can: the gateway, back on the broker too, grants every device the time the connection was down."""
+    config.ingest.device_rate_per_s = 4
+    config.ingest.device_burst = 5
+    broker = EmbeddedBroker(tmp_path / "broker", port=free_port(), persistence=True).start()
+    try:
+        config.broker.url = broker.url
+        gateway = run_gateway(config).gateway
+        assert gateway.receiver is not None
+        broker.stop()
+        down = time.time()
+        time.sleep(5)
+        broker.start()
+        deadline = time.monotonic() + 20
+        while not gateway.receiver.connected.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        device = MqttClient(broker)
+        charger = topics.telemetry("wangma", "ev_charger", "evc-wangma-01")
+        for i in range(24):  # its ports' readings of the 6 s it could not send, all at once
+            device.client.publish(charger, b'{"ts": %f, "port": %d, "power_w": 100}' % (down + i / 4, 1 + i % 10), qos=1)
+        while gateway.stats.valid["ev_charger"] + gateway.stats.rejected[("ev_charger", "rate_limited")] < 24 \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        device.close()
+        assert gateway.stats.valid["ev_charger"] == 24, dict(gateway.stats.rejected)
+    finally:
+        broker.stop()
+
+
 def test_smoke_messages_are_taken_before_bulk_telemetry_that_arrived_earlier():
     import asyncio
 
