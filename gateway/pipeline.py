@@ -22,7 +22,7 @@ from gateway.decode import DeadLetter, Decoder, ReadingColumns, StatusUpdate
 from gateway.metrics import Stats
 from gateway.registry import Registry
 from gateway.schemas import READING_MODELS, Reading
-from rules.engine import ColumnBatch, KindEngine
+from rules.engine import ColumnBatch, KindEngine, last_heard
 from rules.events import EVENT_ZH, AlertEvent, alert_id
 from rules.model import KindProfile
 from rules.replay import ReplayingEngine
@@ -232,16 +232,16 @@ class Pipeline:
 
     def restore(self, saved: dict[str, np.ndarray], now: float) -> dict[str, int]:
         restored = {}
-        heard = [0.0]  # the gateway time a series was last heard from: when the gateway last listened
+        heard = []  # when the gateway was last listening, by each kind
         for kind, engine in self.engines.items():
             prefix = f"{kind}/"
             part = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
             if "keys" in part:
                 restored[kind] = engine.restore(part, now)
-                last_seen = part["last_seen"]
-                heard.append(float(np.max(last_seen[np.isfinite(last_seen)], initial=0.0)))
-        if max(heard) > 0:
-            self.grant_backlog(now - max(heard), now)
+                heard.append(last_heard(part))
+        known = [t for t in heard if t is not None]
+        if known:
+            self.grant_backlog(now - max(known), now)
         return restored
 
     def grant_backlog(self, away_s: float, now: float) -> None:

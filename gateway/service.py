@@ -44,7 +44,6 @@ RECENT_READINGS = 120  # readings kept per device for the dashboard's chart (2 h
 # 2-3 GB of chart data (bench/throughput.py measures it).
 RECENT_READINGS_BUDGET = 500_000
 RECENT_READINGS_MIN = 1  # the device view's last reading
-FIELDS = {kind: model.FIELDS for kind, model in READING_MODELS.items()}
 LINGER_S = 0.004  # how long a small batch waits for company (a few ms on an alert's way: the target is 50 ms)
 LINGER_BATCH = 64  # messages from which a batch no longer waits (at 500, a batch at 10,000 msg/s always
 #                    waited: ~60 arrive while one is processed; docs/PERFORMANCE.md)

@@ -58,6 +58,13 @@ RUN_OUTAGE_TOLERANCE_S = 3600.0
 CALM_RETRIES = 3  # rounds in a row that leave no calm prefix before the rest of a batch goes round by round
 
 
+def last_heard(saved: dict[str, np.ndarray]) -> float | None:
+    """When the gateway was last listening, by a kind's snapshot: the gateway time it last heard from
+    any of its series (None for a kind with no series)."""
+    seen = saved["last_seen"]
+    return float(seen.max()) if seen.size else None
+
+
 class SeriesInfo(Protocol):
     """What rules need to know about the series of one kind (the gateway's registry provides it)."""
 
@@ -767,8 +774,8 @@ class KindEngine:
             return 0
         src = np.array([s for s, _ in pairs])
         dst = np.array([d for _, d in pairs])
-        saved_at = float(np.max(saved["last_seen"])) if saved["last_seen"].size else now
-        downtime = max(0.0, now - saved_at)
+        heard = last_heard(saved)
+        downtime = max(0.0, now - heard) if heard is not None else 0.0
         self.last_ts[dst] = saved["last_ts"][src]
         self.max_seq[dst] = saved["max_seq"][src]
         self.seq_bits[dst] = saved["seq_bits"][src]

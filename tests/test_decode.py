@@ -269,7 +269,7 @@ def test_the_dashboard_gets_a_batchs_last_readings_straight_from_its_columns():
     a rejected reading, messages longer and shorter than the depth, other kinds between them)."""
     import numpy as np
 
-    from gateway.service import FIELDS
+    from gateway.schemas import fields_of
     decoder = pipeline(STREET).decoder
     rng = np.random.default_rng(3)
 
@@ -300,7 +300,7 @@ def test_the_dashboard_gets_a_batchs_last_readings_straight_from_its_columns():
             rows = recent.last(kind, device_id, 100)
             assert rows == one_by_one.last(kind, device_id, 100) and 0 < len(rows) <= depth
     chunk, kept = drain[0]
-    expected = [(r.ts, 0, *(r.__dict__[name] for name in FIELDS["smoke"]))
+    expected = [(r.ts, 0, *(r.__dict__[name] for name in fields_of("smoke")))
                 for r in (chunk.reading(i) for i in np.flatnonzero(kept)[-4:].tolist())]
     recent = RecentReadings(4)
     recent.add_batches([(chunk, kept)])
