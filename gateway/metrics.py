@@ -28,6 +28,7 @@ class Stats(Collector):
         self.ingest_urgent_depth = 0  # of which smoke detectors' messages (taken first)
         self.ingest_unacked = 0  # processed, waiting for the snapshot that lets them be acknowledged
         self.ingest_lag_s = 0.0
+        self.incident_writer: Any = None  # gateway.incidents.writer.IncidentWriter, once serving
         self.telemetry: Any = None  # the telemetry sink, when a store is configured
         self.batch_decodes: Counter[str] = Counter()  # here | ahead → batch messages decoded where
         self.decode_ahead: Any = None  # gateway.ahead.DecodeAhead, when on
@@ -87,6 +88,11 @@ class Stats(Collector):
                                     "snapshot); with the queue depth, at most broker.receive_maximum")
         unacked.add_metric([], self.ingest_unacked)
         yield unacked
+        store = GaugeMetricFamily("streetbrain_incident_store_depth",
+                                  "Alerts published and waiting for the incident store's commit (their readings "
+                                  "are acknowledged after it); past 20,000 the ingest waits for the store")
+        store.add_metric([], self.incident_writer.depth if self.incident_writer is not None else 0)
+        yield store
         lag = GaugeMetricFamily("streetbrain_ingest_lag_seconds",
                                 "Gateway time minus the newest device time of the last batch (overload shows here first)")
         lag.add_metric([], self.ingest_lag_s)

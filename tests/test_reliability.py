@@ -392,7 +392,7 @@ def test_an_incident_store_that_fails_a_write_holds_the_batch_until_it_is_stored
     The alert itself does not wait: it goes out while the store is still failing."""
     from gateway.incidents.queue import IncidentQueue
 
-    absorb, failures, stored = IncidentQueue.absorb, [], []
+    absorb, failures, stored = IncidentQueue.absorb_batches, [], []
 
     def flaky_absorb(self, *args, **kwargs):
         if len(failures) < 2:
@@ -402,7 +402,7 @@ def test_an_incident_store_that_fails_a_write_holds_the_batch_until_it_is_stored
         stored.append(time.monotonic())
         return out
 
-    monkeypatch.setattr(IncidentQueue, "absorb", flaky_absorb)
+    monkeypatch.setattr(IncidentQueue, "absorb_batches", flaky_absorb)
     gateway = run_gateway(config)
     alerts = mqtt([topics.ALERTS_FILTER])
     device = mqtt()
@@ -420,6 +420,49 @@ def test_an_incident_store_that_fails_a_write_holds_the_batch_until_it_is_stored
     row = db.fetchone("SELECT count(*) AS n FROM incidents WHERE device_id = ?", ("mtr-wangma-002",))
     db.close()
     assert row is not None and row["n"] == 1
+
+
+def test_a_locked_incident_store_holds_up_no_alert_and_no_reading_is_acknowledged_before_its_commit(config, run_gateway,
+                                                                                                  mqtt):
+    """The ingest loop waited for each batch's incident commit before the next batch: while another
+    writer held the store (a report, a second gateway, a slow disk), every later alert waited with it.
+    The incidents are now committed off the ingest loop. The readings are still acknowledged only once
+    their incidents are on record, and the store's queue shows on /metrics meanwhile."""
+    import sqlite3
+
+    config.detection.snapshot_interval_s = 0.2
+    gateway = run_gateway(config)
+    alerts = mqtt([topics.ALERTS_FILTER])
+    device = mqtt()
+    holder = sqlite3.connect(config.incidents.url.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another writer holds the store (the gateway waits up to 30 s)
+    locked = time.time()
+    try:
+        raised: dict[str, float] = {}
+        for n, device_id in enumerate(("mtr-wangma-002", "mtr-wangma-003", "mtr-wangma-005")):
+            sent = time.time()
+            device.publish(topics.telemetry("wangma", "meter", device_id), {"ts": sent, "seq": 1, "temp_c": 75.0})
+            alerts.wait_for(lambda topic, body: body.get("device_id") == device_id and body.get("event") == "raised",
+                            timeout_s=10)
+            raised[device_id] = time.time() - sent
+            time.sleep(0.3)
+        time.sleep(0.5)  # several snapshot intervals
+        depth = gateway.gateway.stats.incident_writer.depth
+        unacked = sum(n for _, _, n in gateway.gateway.unacked)
+        assert time.time() - locked < 5, "the test itself was too slow to show anything"
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    assert max(raised.values()) < 1.0, f"alerts waited for the locked store: {raised}"
+    assert depth >= 2 and unacked >= 3, "readings were acknowledged before their incidents were committed"
+    deadline = time.monotonic() + 10
+    while (gateway.gateway.unacked or gateway.gateway.writer.depth) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not gateway.gateway.unacked and gateway.gateway.writer.depth == 0, "acknowledged after the commit"
+    db = Database(config.incidents.url)
+    rows = db.fetchall("SELECT device_id FROM incidents WHERE rule = 'meter_overheat'")
+    db.close()
+    assert sorted(r["device_id"] for r in rows) == ["mtr-wangma-002", "mtr-wangma-003", "mtr-wangma-005"]
 
 
 def test_a_store_failing_housekeeping_once_stops_neither_snapshots_nor_acknowledgements(config, run_gateway, mqtt,
@@ -479,15 +522,15 @@ def test_an_offline_alert_the_store_has_not_taken_at_a_stop_is_raised_after_the_
     config.kinds["noise"].offline_after_s = 2.0
     config.detection.offline_check_interval_s = 0.5
     config.detection.snapshot_interval_s = 0.5
-    absorb, tries = IncidentQueue.absorb, []
+    absorb, tries = IncidentQueue.absorb_batches, []
 
-    def store_away_for_offline(self, alerts, now=None):
-        if any(a.rule == "offline" for a in alerts):
+    def store_away_for_offline(self, batches):
+        if any(a.rule == "offline" for alerts, _ in batches for a in alerts):
             tries.append(time.time())
             raise OSError("disk I/O error")
-        return absorb(self, alerts, now)
+        return absorb(self, batches)
 
-    monkeypatch.setattr(IncidentQueue, "absorb", store_away_for_offline)
+    monkeypatch.setattr(IncidentQueue, "absorb_batches", store_away_for_offline)
     screen = mqtt([topics.alert("dongxin", "noise", "noise-03")])
     gateway = run_gateway(config)
     mqtt().publish(topics.telemetry("dongxin", "noise", "noise-03"), {"ts": time.time(), "laeq_db": 48.0})
@@ -495,8 +538,8 @@ def test_an_offline_alert_the_store_has_not_taken_at_a_stop_is_raised_after_the_
     while not tries and time.monotonic() < deadline:
         time.sleep(0.05)
     assert tries, "the offline check never tried to store its alert"
-    gateway.stop()  # the store still away: the alert waits in _absorb's retries
-    monkeypatch.setattr(IncidentQueue, "absorb", absorb)  # the store is back
+    gateway.stop()  # the store still away: the alert waits in the incident writer's retries
+    monkeypatch.setattr(IncidentQueue, "absorb_batches", absorb)  # the store is back
     run_gateway(config)
     raised = screen.wait_for(lambda topic, body: body.get("rule") == "offline" and body.get("event") == "raised",
                              timeout_s=10)

@@ -74,16 +74,21 @@ class IncidentQueue:
     # -- alerts in --------------------------------------------------------------------------------
     def absorb(self, alerts: list[AlertEvent], now: float | None = None) -> list[IncidentChange]:
         now = self.clock() if now is None else now
-        if len(alerts) > 1:
-            # one transaction for the batch (one fsync for a storm); should another gateway write the
-            # same incident meanwhile, the batch is rolled back and taken one alert at a time
+        return self.absorb_batches([(alerts, now)])
+
+    def absorb_batches(self, batches: list[tuple[list[AlertEvent], float]]) -> list[IncidentChange]:
+        """The alerts of several batches, in order, each on its batch's clock, in one transaction (one
+        fsync for a storm, or for what queued while the last commit was under way); should another
+        gateway write the same incident meanwhile, it is rolled back and taken one alert at a time."""
+        timed = [(alert, now) for alerts, now in batches for alert in alerts]
+        if len(timed) > 1:
             try:
                 with self.db.transaction():
-                    return [change for alert in alerts for change in self._absorb_one(alert, now)]
+                    return [change for alert, now in timed for change in self._absorb_one(alert, now)]
             except Conflict:
                 pass
         changes: list[IncidentChange] = []
-        for alert in alerts:
+        for alert, now in timed:
             for attempt in range(3):
                 try:
                     with self.db.transaction():
