@@ -139,7 +139,13 @@ class Gateway:
         self.incidents = IncidentQueue(self.config, Database(self.config.incidents.url))
         self.published_seq = self.incidents.last_audit_seq()
         self._changes_lock = asyncio.Lock()  # one publication of the incident changes at a time
-        self.writer: IncidentWriter | None = None  # the alerts' way into the store, off the ingest loop
+        self._publisher: Publisher | None = None
+        # the alerts' way into the store, off the ingest loop (started with the serving)
+        self.writer = IncidentWriter(lambda batches: self.in_store(self.incidents.absorb_batches, batches),
+                                     self._after_commit, self._store_failed, room=STORE_QUEUE_ALERTS)
+        self.stats.incident_writer = self.writer
+        # a snapshot whose alerts were not all committed when it was taken: written once they are
+        self._pending: tuple[dict[str, np.ndarray], int, int] | None = None
         self.telemetry: TelemetrySink | None = None
         if self.config.influx.url is not None:
             self.telemetry = TelemetrySink(self.config.influx, self.config.state_dir / "telemetry-spool")
@@ -216,11 +222,8 @@ class Gateway:
         receiver.on_back = lambda away_s: self.pipeline.grant_backlog(away_s, time.time())
         self.stats.hint_lane = receiver.lane
         self._poke = asyncio.Event()
-        self.writer = IncidentWriter(
-            lambda batches: self.in_store(self.incidents.absorb_batches, batches),
-            lambda: self._tolerant("publishing incident changes", self._publish_incident_changes(publisher)),
-            self._store_failed, room=STORE_QUEUE_ALERTS).start()
-        self.stats.incident_writer = self.writer
+        self._publisher = publisher
+        self.writer.start()
         api_task = await self._start_api()
         publisher.start()
         receiver.start()
@@ -255,11 +258,11 @@ class Gateway:
             except TimeoutError:  # the batch in hand was cancelled: _process marks the state unsafe
                 log.error("shutdown: could not publish the last alerts within %.0f s; the broker redelivers "
                           "their readings on restart (no last snapshot)", SHUTDOWN_FLUSH_S)
-            # the last snapshot once the last incidents are committed, then the last acknowledgements
-            await self._commit(receiver, SHUTDOWN_FLUSH_S)
+            # the last incidents committed, then the last snapshot, then the last acknowledgements
             if not await self.writer.stop(SHUTDOWN_FLUSH_S):
                 log.error("shutdown: %d alerts not committed to the incident store; the broker redelivers their "
-                          "readings on restart", self.writer.depth)
+                          "readings on restart (no last snapshot)", self.writer.depth)
+            await self._commit(receiver, 0.0)
             await asyncio.to_thread(receiver.stop)
             if ahead is not None:
                 await asyncio.to_thread(ahead.stop)
@@ -297,6 +300,8 @@ class Gateway:
 
     async def _process(self, receiver: Receiver, publisher: Publisher, everything: bool = False) -> None:
         while True:
+            # the store far behind: it sets the pace (waited for between batches, where a snapshot can be taken)
+            await self.writer.room_for_more()
             batch = receiver.drain(self.config.ingest.batch_max, self.config.ingest.batch_max_bytes)
             self.stats.ingest_queue_depth = len(receiver)
             self.stats.ingest_urgent_depth = len(receiver.urgent)
@@ -345,13 +350,17 @@ class Gateway:
         # the next batch (it waited for every commit: 2.5 ms a batch at the median, up to 90 ms when the
         # store's thread was starved). The readings are acknowledged only by a snapshot taken after the
         # commit (see _commit), so a crash loses neither.
-        assert self.writer is not None
         self.writer.put(outcome.alerts, now)
         await self._publish(outcome, publisher, now)
         # acknowledged once a snapshot holds what these readings did (see _commit)
         self.unacked.extend(receiver.pubacks(batch))
         self.stats.publish_failures = publisher.failures
-        await self.writer.room_for_more()  # the store far behind: it sets the pace
+
+    async def _after_commit(self) -> None:
+        """The incident writer's, after each commit: the changes out, and a failure to read them back is
+        no failure of the commit (housekeeping publishes them at its next tick, from the same place)."""
+        if self._publisher is not None:
+            await self._tolerant("publishing incident changes", self._publish_incident_changes(self._publisher))
 
     def _store_failed(self, exc: Exception, delay: float) -> None:
         """The writer's commit failed (the database down, full, locked…): nothing of it was committed
@@ -359,7 +368,7 @@ class Gateway:
         device time); its alerts wait, and their readings stay unacknowledged."""
         self.stats.pipeline_errors += 1
         log.error("incident store write failed (%s); %d alerts wait and are tried again in %.1f s",
-                  exc, self.writer.depth if self.writer else 0, delay)
+                  exc, self.writer.depth, delay)
 
     def _process_batch(self, messages: list[tuple[str, bytes]], now: float, ahead: list[Any] | None = None) -> Outcome:
         """The pipeline over a batch; if it fails, message by message (each decoded here), so that a
@@ -416,7 +425,7 @@ class Gateway:
         """A copy of the detector state, how many of the waiting acknowledgements it covers, and how
         many alerts handed to the incident writer it holds as raised or cleared."""
         return ({k: v.copy() for k, v in self.pipeline.snapshot().items()}, len(self.unacked),
-                self.writer.queued if self.writer is not None else 0)
+                self.writer.queued)
 
     async def _commit(self, receiver: Receiver, wait_s: float = BOUNDARY_WAIT_S) -> None:
         """Snapshot the detector state, then acknowledge the readings it includes.
@@ -425,9 +434,9 @@ class Gateway:
         whatever was not acknowledged is delivered again and replayed onto exactly the state it last
         saw (a group commit, one per snapshot interval; the broker's receive window covers the wait).
         The snapshot is written only once the incident writer has committed every alert of the
-        batches it holds (waiting up to ``wait_s``, else the next interval tries again): a snapshot
-        with an alert raised in it and not on record would, after a crash, take its redelivered
-        readings for ones already seen, and the alert would be lost.
+        batches it holds (waiting up to ``wait_s``; else it is kept, and written at a later interval
+        once they are): a snapshot with an alert raised in it and not on record would, after a crash,
+        take its redelivered readings for ones already seen, and the alert would be lost.
         """
         async with self._commit_lock:  # one at a time: the shutdown's may follow housekeeping's at once
             await self._commit_now(receiver, wait_s)
@@ -451,11 +460,20 @@ class Gateway:
                 return
             if taken is None:  # the batch did not complete
                 return
-            arrays, covered, alerts = taken
         else:
-            arrays, covered, alerts = self._snapshot_arrays()
-        if self.writer is not None and not await self.writer.settled(alerts, wait_s):
-            return  # the store is slow or away: its alerts are not on record yet
+            taken = self._snapshot_arrays()
+        if await self.writer.settled(taken[2], wait_s):
+            self._pending = None
+        else:
+            # The store is slow or away: this snapshot waits for its alerts' commit. An older one whose
+            # alerts have been committed since goes now instead (with a writer always a second behind, a
+            # storm's, a fresh snapshot every time would never let one through).
+            pending = self._pending
+            if pending is None or self.writer.stored < pending[2]:
+                self._pending = pending or taken
+                return
+            self._pending, taken = taken, pending
+        arrays, covered, _ = taken
         try:
             await asyncio.to_thread(self.write_snapshot, arrays)
         except OSError as exc:
@@ -495,8 +513,10 @@ class Gateway:
             if t >= next_sla:
                 next_sla = t + incidents.sla_check_interval_s
                 await self._tolerant("SLA tick", self.in_store(self.incidents.sla_tick, now))
-            # ours, and the command line's, the API's…
-            await self._tolerant("publishing incident changes", self._publish_incident_changes(publisher))
+            # ours, and the command line's, the API's… (while the incident writer is at work, its own
+            # publication after each commit takes them all: housekeeping would only queue behind it)
+            if not self.writer.busy:
+                await self._tolerant("publishing incident changes", self._publish_incident_changes(publisher))
             if t >= next_snapshot:
                 next_snapshot = t + detection.snapshot_interval_s
                 await self._tolerant("snapshot", self._commit(receiver))
@@ -516,9 +536,11 @@ class Gateway:
         are out, none after: a snapshot holding the offline state would lose the alert for good."""
         done, self._offline_unsaid = False, True
         try:
-            assert self.writer is not None
-            await self.writer.settled(self.writer.put(events, now), None)  # behind the batches' alerts
+            # Published at once, as a batch's alerts are (after its commit, a raised could come out
+            # after the cleared of the device's next reading), committed behind the batches' alerts.
+            upto = self.writer.put(events, now)
             await self._publish(Outcome(alerts=events), publisher, now)
+            await self.writer.settled(upto, None)
             done = True
         finally:
             self._offline_unsaid = False

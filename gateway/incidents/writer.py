@@ -49,6 +49,7 @@ class IncidentWriter:
         self.stored = 0  # of them committed
         self.busy = False  # a commit, or what follows it, under way
         self.failing = False  # the last commit failed: the writer waits to try again
+        self.writing = False  # a commit is in the store's hands (a cancel would not stop it there)
         self._work = asyncio.Event()  # something was handed over
         self._progress = asyncio.Condition()  # something was committed, or the writer fell idle
         self._task: asyncio.Task[None] | None = None
@@ -80,9 +81,9 @@ class IncidentWriter:
         return await self._until(lambda: self.stored >= upto, timeout)
 
     async def stop(self, timeout: float) -> bool:
-        """Let what is handed over be committed and its changes published, up to ``timeout`` s (not
-        at all while the store is failing); then stop. Whether all of it was committed."""
-        await self._until(lambda: self.failing or not (self._waiting or self.busy), timeout)
+        """Let what is handed over be committed and its changes published, up to ``timeout`` s (while
+        the store is failing, only the attempt under way); then stop. Whether all of it was committed."""
+        await self._until(lambda: not self.writing and (self.failing or not (self._waiting or self.busy)), timeout)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -116,16 +117,17 @@ class IncidentWriter:
                         break
                     taken.append((alerts, now))
                     count += len(alerts)
+                self.writing = True
                 try:
                     await self._write(taken)
                 except Exception as exc:
-                    self.failing = True
+                    self.writing, self.failing = False, True
                     self._on_failure(exc, delay)
                     await self._tell()
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 10.0)
                     continue
-                delay, self.failing = 0.5, False
+                delay, self.writing, self.failing = 0.5, False, False
                 for _ in taken:
                     self._waiting.popleft()
                 self.stored += count
