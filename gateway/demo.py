@@ -76,6 +76,9 @@ async def watch_alerts(host: str, port: int, console: Console, counts: Counter[s
                 return
 
 
+DRAIN_S = 5.0  # at the end, how long the gateway may take to receive what the simulator sent
+
+
 async def demo(config: Config, args: argparse.Namespace, stop: asyncio.Event) -> int:
     console = Console()
     demo_token = None
@@ -87,7 +90,8 @@ async def demo(config: Config, args: argparse.Namespace, stop: asyncio.Event) ->
     if reachable(*_host_port(config.api.listen)):
         config.api.listen = config.api.listen.rsplit(":", 1)[0] + ":0"  # the usual port is taken: any free one
     gateway = Gateway(config, broker_url=args.broker)
-    gateway_task = asyncio.create_task(gateway.run(stop), name="gateway")
+    gateway_stop = asyncio.Event()  # set after the simulator's, once the gateway has taken what it sent
+    gateway_task = asyncio.create_task(gateway.run(gateway_stop), name="gateway")
     started = asyncio.create_task(gateway.started.wait())
     await asyncio.wait({gateway_task, started}, return_when=asyncio.FIRST_COMPLETED)
     if gateway_task.done():
@@ -126,9 +130,16 @@ async def demo(config: Config, args: argparse.Namespace, stop: asyncio.Event) ->
         on_event=on_event))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({simulator, stopping}, timeout=args.duration, return_when=asyncio.FIRST_COMPLETED)
+    # The devices stop first and the gateway takes what they sent before it stops: stopped together, what
+    # the simulator sent meanwhile stayed in the gateway's broker session for the next start.
     halt.set()
     stop.set()
     published = (await simulator).readings
+    deadline = time.monotonic() + DRAIN_S
+    while (sum(gateway.stats.valid.values()) + sum(gateway.stats.rejected.values()) < published
+           and time.monotonic() < deadline and not gateway_task.done()):
+        await asyncio.sleep(0.05)
+    gateway_stop.set()
     stopping.cancel()
     await asyncio.wait({watcher}, timeout=2)
     watcher.cancel()
@@ -137,6 +148,14 @@ async def demo(config: Config, args: argparse.Namespace, stop: asyncio.Event) ->
     console.print(f"published {published} readings; alerts raised {counts['raised']}, updated {counts['updated']}, "
                   f"cleared {counts['cleared']}; incidents opened {counts['incidents']}, updated "
                   f"{counts['incident updates']}; "
-                  f"rejected {sum(gateway.stats.rejected.values())}")
+                  f"rejected {_rejects(gateway.stats.rejected)}")
     console.print("the queue: streetbrain incidents list --open; streetbrain report", highlight=False)
     return 0
+
+
+def _rejects(rejected: Counter[tuple[str, str]]) -> str:
+    """``12 (meter rate_limited 10, smoke bad_value 2)``: how many, and why (``streetbrain_rejects``)."""
+    total = sum(rejected.values())
+    if not total:
+        return "0"
+    return f"{total} (" + ", ".join(f"{kind} {reason} {n}" for (kind, reason), n in rejected.most_common()) + ")"

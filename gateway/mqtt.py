@@ -133,6 +133,7 @@ def subscribe_packet(filters: list[str], packet_id: int = 1, qos: int = 1) -> by
 
 PINGREQ = b"\xc0\x00"
 DISCONNECT = b"\xe0\x00"  # normal disconnection: the session (and what the broker queues for it) stays
+CLOSE_WAIT_S = 2.0  # at a stop, how long the broker may take to close the connection after our DISCONNECT
 
 
 class FrameReader:
@@ -376,7 +377,19 @@ class Receiver:
                     sock.sendall(PINGREQ)
                     last_sent = now
             if self.connected.is_set():
-                sock.sendall(DISCONNECT)
+                # The PUBACKs of the stop's last snapshot go before the DISCONNECT, and the broker is
+                # heard out until it closes: closed at once with the broker's messages unread, the socket
+                # went down with a reset, which threw away what the broker had not yet read of ours
+                # (Mosquitto reads one packet a turn). Either way the broker delivered up to a second of
+                # readings again to the next start, each a duplicate.
+                sock.sendall(b"".join(self._outgoing) + DISCONNECT)
+                self._outgoing.clear()
+                sock.settimeout(CLOSE_WAIT_S)
+                try:
+                    while sock.recv(65536):
+                        pass
+                except OSError:  # the wait is over, or the broker reset the connection itself
+                    pass
         finally:
             selector.close()
 
