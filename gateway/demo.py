@@ -133,13 +133,15 @@ async def demo(config: Config, args: argparse.Namespace, stop: asyncio.Event) ->
     # The devices stop first and the gateway takes what they sent before it stops: stopped together, what
     # the simulator sent meanwhile stayed in the gateway's broker session for the next start.
     halt.set()
-    stop.set()
-    published = (await simulator).readings
-    deadline = time.monotonic() + DRAIN_S
-    while (sum(gateway.stats.valid.values()) + sum(gateway.stats.rejected.values()) < published
-           and time.monotonic() < deadline and not gateway_task.done()):
-        await asyncio.sleep(0.05)
-    gateway_stop.set()
+    try:
+        published = (await simulator).readings
+        deadline = time.monotonic() + DRAIN_S
+        while (sum(gateway.stats.valid.values()) + sum(gateway.stats.rejected.values()) < published
+               and time.monotonic() < deadline and not gateway_task.done() and not stop.is_set()):
+            await asyncio.sleep(0.05)  # (a Ctrl-C meanwhile cuts it short)
+    finally:
+        stop.set()  # the watcher, after the drain's alerts
+        gateway_stop.set()  # however the simulator ended
     stopping.cancel()
     await asyncio.wait({watcher}, timeout=2)
     watcher.cancel()

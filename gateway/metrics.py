@@ -90,7 +90,7 @@ class Stats(Collector):
         yield unacked
         store = GaugeMetricFamily("streetbrain_incident_store_depth",
                                   "Alerts published and waiting for the incident store's commit (their readings "
-                                  "are acknowledged after it); past 20,000 the ingest waits for the store")
+                                  "are acknowledged after it); past a bound the ingest waits for the store")
         store.add_metric([], self.incident_writer.depth if self.incident_writer is not None else 0)
         yield store
         lag = GaugeMetricFamily("streetbrain_ingest_lag_seconds",

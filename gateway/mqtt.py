@@ -382,8 +382,10 @@ class Receiver:
                 # went down with a reset, which threw away what the broker had not yet read of ours
                 # (Mosquitto reads one packet a turn). Either way the broker delivered up to a second of
                 # readings again to the next start, each a duplicate.
-                sock.sendall(b"".join(self._outgoing) + DISCONNECT)
-                self._outgoing.clear()
+                out = []
+                while self._outgoing:
+                    out.append(self._outgoing.popleft())
+                sock.sendall(b"".join(out) + DISCONNECT)
                 sock.settimeout(CLOSE_WAIT_S)
                 try:
                     while sock.recv(65536):

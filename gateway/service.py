@@ -262,7 +262,7 @@ class Gateway:
             # the last incidents committed, then the last snapshot, then the last acknowledgements
             if not await self.writer.stop(SHUTDOWN_FLUSH_S):
                 log.error("shutdown: %d alerts not committed to the incident store; the broker redelivers their "
-                          "readings on restart (no last snapshot)", self.writer.depth)
+                          "readings on restart (no snapshot holds them)", self.writer.depth)
             await self._commit(receiver, 0.0)
             await asyncio.to_thread(receiver.stop)
             if ahead is not None:
@@ -301,8 +301,8 @@ class Gateway:
 
     async def _process(self, receiver: Receiver, publisher: Publisher, everything: bool = False) -> None:
         while True:
-            # the store far behind: it sets the pace (waited for between batches, where a snapshot can be taken)
-            await self.writer.room_for_more()
+            if self.writer.depth > self.writer.room:  # the store far behind: it sets the pace (between
+                await self.writer.room_for_more()     # batches, where a snapshot can be taken)
             batch = receiver.drain(self.config.ingest.batch_max, self.config.ingest.batch_max_bytes)
             self.stats.ingest_queue_depth = len(receiver)
             self.stats.ingest_urgent_depth = len(receiver.urgent)
@@ -348,8 +348,8 @@ class Gateway:
             self.telemetry.alerts(outcome.alerts)
         self._remember(outcome)
         # The alerts go out now; their incidents are committed by the writer while the loop goes on to
-        # the next batch (it waited for every commit: 2.5 ms a batch at the median, up to 90 ms when the
-        # store's thread was starved). The readings are acknowledged only by a snapshot taken after the
+        # the next batch (it waited for every commit: 3.6 ms a batch with alerts at the median, up to
+        # 92 ms when the store's thread was starved). The readings are acknowledged only by a snapshot taken after the
         # commit (see _commit), so a crash loses neither.
         self.writer.put(outcome.alerts, now)
         await self._publish(outcome, publisher, now)
@@ -442,38 +442,44 @@ class Gateway:
         async with self._commit_lock:  # one at a time: the shutdown's may follow housekeeping's at once
             await self._commit_now(receiver, wait_s)
 
+    async def _fresh_snapshot(self) -> tuple[dict[str, np.ndarray], int, int] | None:
+        """:meth:`_snapshot_arrays` between two batches; None if not now."""
+        if not self._mid_batch:
+            return self._snapshot_arrays()
+        # A batch is between detection and its alerts' hand-over: a snapshot now would hold what it did
+        # while its readings stay unacknowledged, and after a crash they would come back as duplicates
+        # of readings "already seen", their alerts never committed nor published. The ingest loop takes
+        # the snapshot at the end of the batch; give it a second, else the next snapshot interval tries
+        # again. None too if the batch did not complete.
+        waiter = asyncio.get_running_loop().create_future()
+        self._boundary.append(waiter)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), BOUNDARY_WAIT_S)
+        except TimeoutError:
+            if waiter in self._boundary:
+                self._boundary.remove(waiter)
+            return None
+
     async def _commit_now(self, receiver: Receiver, wait_s: float) -> None:
         if self._state_unsafe or self._offline_unsaid:  # (see _offline_alerts)
             return
-        if self._mid_batch:
-            # A batch is between detection and its incidents' commit: a snapshot now would hold what it
-            # did while its readings stay unacknowledged, and after a crash they would come back as
-            # duplicates of readings "already seen", their alerts never committed nor published. The
-            # ingest loop takes the snapshot at the end of the batch; give it a second, else the next
-            # snapshot interval tries again.
-            waiter = asyncio.get_running_loop().create_future()
-            self._boundary.append(waiter)
-            try:
-                taken = await asyncio.wait_for(asyncio.shield(waiter), BOUNDARY_WAIT_S)
-            except TimeoutError:
-                if waiter in self._boundary:
-                    self._boundary.remove(waiter)
+        if self._pending is not None and self.writer.depth:
+            # The store is behind: the snapshot kept at an earlier interval goes once its alerts are
+            # committed (a fresh one every time would wait for newer alerts still, and with a writer
+            # always a second behind, a storm's, none would ever go). No second copy meanwhile: a
+            # city's detector state is ~200 MB.
+            if not await self.writer.settled(self._pending[2], wait_s):
                 return
-            if taken is None:  # the batch did not complete
-                return
+            taken, self._pending = self._pending, None
         else:
-            taken = self._snapshot_arrays()
-        if await self.writer.settled(taken[2], wait_s):
             self._pending = None
-        else:
-            # The store is slow or away: this snapshot waits for its alerts' commit. An older one whose
-            # alerts have been committed since goes now instead (with a writer always a second behind, a
-            # storm's, a fresh snapshot every time would never let one through).
-            pending = self._pending
-            if pending is None or self.writer.stored < pending[2]:
-                self._pending = pending or taken
+            fresh = await self._fresh_snapshot()
+            if fresh is None:
                 return
-            self._pending, taken = taken, pending
+            if not await self.writer.settled(fresh[2], wait_s):
+                self._pending = fresh  # its alerts are not on record yet: kept for a later interval
+                return
+            taken = fresh
         arrays, covered, _ = taken
         try:
             await asyncio.to_thread(self.write_snapshot, arrays)
@@ -515,8 +521,9 @@ class Gateway:
                 next_sla = t + incidents.sla_check_interval_s
                 await self._tolerant("SLA tick", self.in_store(self.incidents.sla_tick, now))
             # ours, and the command line's, the API's… (while the incident writer is at work, its own
-            # publication after each commit takes them all: housekeeping would only queue behind it)
-            if not self.writer.busy:
+            # publication after each commit takes them all: housekeeping would only queue behind it;
+            # not while the writer is failing, when only housekeeping publishes what operators do)
+            if not self._changes_lock.locked() and not (self.writer.busy and not self.writer.failing):
                 await self._tolerant("publishing incident changes", self._publish_incident_changes(publisher))
             if t >= next_snapshot:
                 next_snapshot = t + detection.snapshot_interval_s
