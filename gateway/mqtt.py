@@ -338,10 +338,7 @@ class Receiver:
                     self._handle(frames, generation)
                     frames = []
                 if self._outgoing:
-                    out = []
-                    while self._outgoing:
-                        out.append(self._outgoing.popleft())
-                    sock.sendall(b"".join(out))
+                    sock.sendall(self._take_outgoing())
                     last_sent = time.monotonic()
                 if window and (self.outstanding() < window) != reading:
                     reading = not reading
@@ -382,10 +379,7 @@ class Receiver:
                 # went down with a reset, which threw away what the broker had not yet read of ours
                 # (Mosquitto reads one packet a turn). Either way the broker delivered up to a second of
                 # readings again to the next start, each a duplicate.
-                out = []
-                while self._outgoing:
-                    out.append(self._outgoing.popleft())
-                sock.sendall(b"".join(out) + DISCONNECT)
+                sock.sendall(self._take_outgoing() + DISCONNECT)
                 sock.settimeout(CLOSE_WAIT_S)
                 try:
                     while sock.recv(65536):
@@ -394,6 +388,14 @@ class Receiver:
                     pass
         finally:
             selector.close()
+
+    def _take_outgoing(self) -> bytes:
+        """What the asyncio side handed over to write, as one buffer (popped one by one: it may be
+        appending meanwhile)."""
+        out = []
+        while self._outgoing:
+            out.append(self._outgoing.popleft())
+        return b"".join(out)
 
     def _handle(self, frames: list[tuple[int, bytes, int, int]], generation: int) -> None:
         taken = False
