@@ -54,9 +54,10 @@ class PlainAnomaly:
     def __init__(self, warmup: int, medium: float = 0.05, short: float = 0.1, long: float = 0.01,
                  calibration: float = 0.0005, decay: float = 0.01, echo: float = 0.1, local: float | None = 0.9,
                  levels: int = 4, context: int = 4, context_weight: float = 2.5, drift: float = 0.0015,
-                 drift_weight: float = 0.5, forget: float | None = 3.0, ordinary: float = 20.0):
+                 drift_weight: float = 0.5, forget: float | None = 3.0, ordinary: float = 20.0,
+                 memory: float = 20000.0):
         self.warmup, self.decay, self.echo, self.local = warmup, decay, echo, local
-        self.forget, self.horizon, self.ordinary = forget, 1.0 / calibration, ordinary
+        self.forget, self.memory, self.ordinary = forget, memory, ordinary
         self.worst = 0.0
         self.levels, self.context, self.context_weight = levels, context, context_weight
         self.symbols: list[int] = []  # every symbol so far (the last ``context`` make a context)
@@ -116,7 +117,7 @@ class PlainAnomaly:
         peak_before = max(self.peak - self.decay, 0.0)
         self.peak = max(peak_before, surprise)
         if self.forget is not None:  # the ordinary worst: capped, fading ``forget`` over an e-fold of age
-            age = min(max(n - self.warmup, 1), self.horizon)
+            age = min(max(n - self.warmup, 1), self.memory)
             worst_before = max(self.worst - min(self.decay, self.forget / age), 0.0)
             self.worst = max(worst_before, min(surprise, self.ordinary))
             peak_before = max(peak_before, worst_before)

@@ -99,9 +99,26 @@ def test_the_plain_reference_scores_as_the_vectorised_detector():
     for series in (wave, noise(1500, seed=16), np.repeat([0.0, 5.0, 0.0, 7.0], 375)):
         plain = PlainAnomaly(100)
         np.testing.assert_allclose([plain.step(v) for v in series], scores(series), rtol=0, atol=1e-9)
-    # a calibration horizon of 500 readings: the ordinary worst's slowest fade is reached within 1,500
-    plain = PlainAnomaly(100, calibration=0.002)
-    np.testing.assert_allclose([plain.step(v) for v in wave], scores(wave, calibration=0.002), rtol=0, atol=1e-9)
+    # a memory of 500 readings: the ordinary worst's slowest fade is reached within 1,500
+    plain = PlainAnomaly(100, calibration=0.002, memory=500)
+    np.testing.assert_allclose([plain.step(v) for v in wave], scores(wave, calibration=0.002, memory=500),
+                               rtol=0, atol=1e-9)
+
+
+def test_a_series_watched_for_weeks_raises_ever_fewer_false_scores():
+    # twelve series of noise on a daily cycle, 20,000 readings each (70 days at 5 minutes), one block
+    rng = np.random.default_rng(40)
+    t = np.arange(20000)
+    series = 80 + 5 * np.sin(2 * np.pi * t / 288)[None, :] + rng.normal(0, 1, (12, t.size))
+    high = {}
+    for memory in (20000.0, 2000.0):
+        result = Anomaly(12, period=288, memory=memory).score(np.arange(12), series)
+        high[memory] = (int((result[:, 3000:] > 0.12).sum()), int((result[:, 10000:] > 0.12).sum()))
+    # the ordinary worst fades by e-folds of age for 20,000 readings: 48 scores above NAB's threshold
+    # (0.12) after the first 3,000 readings, 13 in the second half; fading at a fixed rate past 2,000
+    # readings, 83 and 36: the rate of false scores stopped falling
+    assert high[20000.0][0] <= 60 and high[20000.0][1] <= 20
+    assert high[2000.0][0] >= 70 and high[2000.0][1] >= 28
 
 
 def test_an_injected_spike_scores_highest_and_high():
