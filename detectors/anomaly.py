@@ -68,28 +68,28 @@ The parts, and why each is there:
   each made one event a run of alerts (six rows in a row on one NAB series; the record is worth +1.2
   on NAB). ``local=None`` lets every reading's echo count, so the score stays up while an anomaly
   lasts (what a rule ``anomaly_score >= x for T`` needs: the transform's ``sustain``).
-* **The ordinary worst, remembered longer** (``forget``, ``ordinary``, ``memory``): a second peak holds every
-  surprise up to ``ordinary`` nats (20: novelty that large alone scores 2/3, just under the shipped
-  rules' thresholds of 0.7 and 0.75) and fades ``forget / age`` nats a reading, ``age`` being the
-  readings since the warm-up: ``forget`` nats over each e-fold of age, never faster than ``decay``
-  (the first ``forget / decay`` = 300 readings) nor slower than ``forget`` over ``memory`` readings
-  (20,000: 70 days of 5-minute readings). Novelty is judged against the higher of the two peaks. On noise, a reading beats a
-  peak that fades d a reading by θ nats about e^−θ·d of the time: the fixed fade alone keeps the
-  false-alarm rate fixed however long a series has been watched, while the worst of n ordinary
-  readings only grows like ln n. Fading by e-folds of age lets the rate fall as the series shows what
-  its ordinary worst is (five series of Gaussian noise, 3,428 readings each after NAB's probation: 50
-  scores above the NAB threshold, now 19). A surprise beyond ``ordinary`` is an event, not the
-  ordinary worst: it fades at ``decay`` as before, so a new event days after a big one still scores
-  in full (a slow peak of every surprise held a nightly job's first night against an event ten days
-  later, 0.28 instead of 0.44). NAB dev +1.6, from fewer false rows in 7 files and worse in none. The
-  cost: a new pattern in an otherwise still series stands out a little less (a rhythm that doubles,
-  ``tests/test_anomaly.py``: 0.44 against the series' next highest 0.40, from 0.52). The slowest fade
-  was first the calibration's horizon (2,000 readings); past that age the worst then fell a steady
-  1.5 nats every 1,000 readings, so a series watched for weeks went back to a fixed false-alarm rate
-  (twelve series of 20,000 readings of noise on a daily cycle: 83 scores above NAB's threshold after
-  the first 3,000, 36 of them in the second half; with ``memory`` 48 and 13). What the worst holds
-  is capped at ``ordinary``, so the cost of the longer memory is bounded: 3 nats of fade for each
-  e-fold of age, at any age.
+* **The ordinary worst, remembered longer** (``forget``, ``ordinary``, ``memory``): a second peak
+  holds every surprise up to ``ordinary`` nats (20: novelty that large alone scores 2/3, just under
+  the shipped rules' thresholds of 0.7 and 0.75) and fades ``forget / age`` nats a reading, ``age``
+  being the readings since the warm-up: ``forget`` nats over each e-fold of age, never faster than
+  ``decay`` (the first ``forget / decay`` = 300 readings) nor slower than ``forget`` over ``memory``
+  readings (20,000: 70 days of 5-minute readings). Novelty is judged against the higher of the two
+  peaks. On noise, a reading beats a peak that fades d a reading by θ nats about e^−θ·d of the time:
+  the fixed fade alone keeps the false-alarm rate fixed however long a series has been watched, while
+  the worst of n ordinary readings only grows like ln n. Fading by e-folds of age lets the rate fall
+  as the series shows what its ordinary worst is (five series of Gaussian noise, 3,428 readings each
+  after NAB's probation: 50 scores above the NAB threshold, now 19). A surprise beyond ``ordinary``
+  is an event, not the ordinary worst: it fades at ``decay`` as before, so a new event days after a
+  big one still scores in full (a slow peak of every surprise held a nightly job's first night
+  against an event ten days later, 0.28 instead of 0.44). NAB dev +1.6, from fewer false rows in 7
+  files and worse in none. The cost: a new pattern in an otherwise still series stands out a little
+  less (a rhythm that doubles, ``tests/test_anomaly.py``: 0.44 against the series' next highest
+  0.40, from 0.52). The slowest fade was first over the calibration's horizon (2,000 readings): past
+  that age the worst fell a steady 1.5 nats every 1,000 readings, and a series watched for weeks went
+  back to a fixed false-alarm rate (twelve series of 20,000 readings of noise on a daily cycle: 83
+  scores above NAB's threshold after the first 3,000, 36 of them in the second half; with ``memory``
+  48 and 13). The longer memory hides at most ``ordinary`` nats, and that still fades ``forget`` over
+  each e-fold of age.
 * **Recurrence a period ago** (seasonal series only): the surprise is also judged against the largest
   surprise within ``band`` of a period (6%: about ±1.5 h of a day) one period before. An event that
   happened about this time yesterday too (a nightly batch job, a morning peak whose edge jitters by
@@ -220,6 +220,8 @@ class Anomaly:
         # the ordinary worst's fade by age, the age past which it fades no slower, and its cap
         # (forget None: no second peak)
         self.forget, self.memory, self.ordinary = forget, memory, ordinary
+        if memory < 1.0:
+            raise ValueError("memory must be at least 1 reading")
         if local is not None and not 0.0 < local < 1.0:
             raise ValueError("local must be in (0, 1), or None: the echo of every reading counts")
         if drift and not 0.0 < drift < long:

@@ -121,6 +121,15 @@ def test_a_series_watched_for_weeks_raises_ever_fewer_false_scores():
     assert high[2000.0][0] >= 70 and high[2000.0][1] >= 28
 
 
+def test_settings_that_cannot_work_are_refused_when_the_detector_is_made():
+    with pytest.raises(ValueError, match="local must be in"):
+        Anomaly(1, local=1.0)
+    with pytest.raises(ValueError, match="drift must be slower than long"):
+        Anomaly(1, drift=0.02)
+    with pytest.raises(ValueError, match="memory must be at least 1 reading"):
+        Anomaly(1, memory=0.5)
+
+
 def test_an_injected_spike_scores_highest_and_high():
     series = noise(1000, seed=6)
     series[700] += 60  # 20 σ
